@@ -1,0 +1,68 @@
+"""The official multi-turn prompt, response clean-up and the history budget."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ContextTooLongError
+
+History = list[tuple[str, str]]  # [(query, response), ...], oldest first
+
+_PUNCT = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？"))
+_CJK = r"[\u4e00-\u9fff]"
+
+
+def build_prompt(query: str, history: History | None = None) -> str:
+    """Official ChatGLM-6B chat prompt: the bare query when there is no history."""
+    if not history:
+        return query
+    prompt = "".join(
+        f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
+    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+def process_response(text: str) -> str:
+    """Official post-processing: strip, date placeholder, full-width punctuation next to CJK."""
+    text = text.strip().replace("[[训练时间]]", "2023年")
+    for half, full in _PUNCT:
+        text = re.sub(rf"({_CJK}){half}", rf"\1{full}", text)
+        text = re.sub(rf"{half}({_CJK})", rf"{full}\1", text)
+    return text
+
+
+def normalize_history(history) -> History:
+    """Accept [[q, r], ...] (JSON) or [(q, r), ...]; reject anything else clearly."""
+    if history is None:
+        return []
+    out = []
+    for i, item in enumerate(history):
+        if (not isinstance(item, (list, tuple)) or len(item) != 2
+                or not all(isinstance(s, str) for s in item)):
+            raise ValueError(f"history[{i}] must be a [query, response] pair of strings")
+        out.append((item[0], item[1]))
+    return out
+
+
+@dataclass
+class FittedPrompt:
+    ids: list[int]  # token ids of the prompt to run
+    history: History  # the rounds kept in it
+    dropped: int  # oldest rounds left out to fit the budget
+
+
+def fit_prompt(tokenizer, query: str, history: History, budget: int,
+               reserve: int) -> FittedPrompt:
+    """Drop the oldest rounds until prompt + ``reserve`` new tokens fit in ``budget`` tokens.
+
+    The current query is never dropped; if it alone does not fit, that is an error.
+    """
+    for dropped in range(len(history) + 1):
+        kept = history[dropped:]
+        ids = tokenizer.encode(build_prompt(query, kept))
+        if len(ids) + reserve <= budget:
+            return FittedPrompt(ids, kept, dropped)
+    raise ContextTooLongError(
+        f"the message is {len(ids)} tokens; with {reserve} tokens reserved for the answer it "
+        f"does not fit the context budget of {budget} tokens. Shorten it or lower max_new_tokens."
+    )

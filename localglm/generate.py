@@ -1,0 +1,279 @@
+"""Generation: official 2-D positions, prefill, one-token decode, and the token loop.
+
+Three layers, each built on the one before: ``generate_step`` yields token ids for a batch,
+``stream_generate`` yields text as it is produced for one prompt, ``generate`` returns ids.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .errors import ContextTooLongError, LocalGLMError
+from .model import AttentionLayout, ChatGLMModel
+from .sampling import make_sampler, replace_invalid, repetition_penalty
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens and when to stop."""
+
+    max_new_tokens: int | None = 256  # tokens to generate at most (None: up to max_length)
+    max_length: int | None = None  # prompt + generated tokens at most (official `max_length`)
+    do_sample: bool = False  # False: greedy (argmax), like the official do_sample=False
+    temperature: float = 1.0  # sampling temperature; 0 means greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    top_k: int = 0  # keep only the k most likely tokens (0 = off)
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or answer
+    seed: int | None = None  # makes sampling reproducible
+    stop: list[str] = field(default_factory=list)  # stop strings (checked on the text)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise LocalGLMError(f"temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LocalGLMError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise LocalGLMError("repetition_penalty must be > 0")
+        for name in ("max_new_tokens", "max_length"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise LocalGLMError(f"{name} must be >= 1, not {v}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    def budget(self, prompt_len: int) -> int:
+        """Number of new tokens allowed for a prompt of ``prompt_len`` tokens."""
+        n = self.max_new_tokens if self.max_new_tokens is not None else 1 << 30
+        if self.max_length is not None:
+            n = min(n, self.max_length - prompt_len)
+        return max(n, 0)
+
+
+@dataclass
+class PromptInfo:
+    """Where the answer starts and which mask token sets its position."""
+
+    context: int  # index of <sop>; tokens before it form the bidirectional context
+    mask_position: int  # index of the first [gMASK] (else [MASK]): position of the answer
+
+    def positions(self, start: int, end: int) -> list[list[int]]:
+        """Official 2-D positions of tokens [start, end): [position ids, block position ids]."""
+        pos, block = [], []
+        for i in range(start, end):
+            if i < self.context:
+                pos.append(i)
+                block.append(0)
+            else:
+                pos.append(self.mask_position)
+                block.append(i - self.context + 1)
+        return [pos, block]
+
+
+def prompt_info(ids: list[int], cfg) -> PromptInfo:
+    """Official rules: context ends at <sop>; the answer sits at [gMASK] (or [MASK])."""
+    ctx = ids.index(cfg.bos_token_id) if cfg.bos_token_id in ids else len(ids)
+    for mask_id in (cfg.gmask_token_id, cfg.mask_token_id):
+        if mask_id in ids:
+            return PromptInfo(ctx, ids.index(mask_id))
+    return PromptInfo(ctx, max(ctx - 1, 0))
+
+
+class Batch:
+    """Left-padded prompts with their official positions, ready to be fed to the model."""
+
+    def __init__(self, prompts: list[list[int]], cfg, device):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise LocalGLMError("every prompt needs at least one token")
+        self.cfg = cfg
+        self.device = device
+        self.infos = [prompt_info(p, cfg) for p in prompts]
+        self.lengths = [len(p) for p in prompts]
+        width = max(self.lengths)
+        self.pad = [width - n for n in self.lengths]
+        ids, pos = [], []
+        for p, info, pad in zip(prompts, self.infos, self.pad):
+            ids.append([cfg.pad_token_id] * pad + list(p))
+            rows = info.positions(0, len(p))
+            pos.append([[0] * pad + r for r in rows])
+        self.ids = torch.tensor(ids, dtype=torch.long, device=device)  # (B, T)
+        self.pos = torch.tensor(pos, dtype=torch.long, device=device)  # (B, 2, T)
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+    def layout(self, start: int, n: int, prefix_len: int) -> AttentionLayout:
+        padded = any(self.pad)
+        return AttentionLayout(
+            start=start,
+            kv_len=prefix_len + start + n,
+            prefix_len=prefix_len,
+            context=[pad + info.context for pad, info in zip(self.pad, self.infos)],
+            pad=list(self.pad) if padded else None,
+        )
+
+    def next_positions(self, index: int) -> torch.Tensor:
+        """Positions (B, 2, 1) of the token at padded index ``index`` in every row."""
+        rows = [info.positions(index - pad, index - pad + 1)
+                for info, pad in zip(self.infos, self.pad)]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+
+def new_cache(model: ChatGLMModel, batch_size: int, max_len: int, dtype) -> KVCache:
+    cfg = model.config
+    devices = [layer.input_layernorm.weight.device for layer in model.transformer.layers]
+    prefix = cfg.pre_seq_len or 0
+    return KVCache(cfg.num_layers, batch_size, cfg.num_attention_heads, cfg.head_dim,
+                   max_len + prefix, dtype, devices)
+
+
+def prefill(model: ChatGLMModel, batch: Batch, cache: KVCache, dtype) -> torch.Tensor:
+    """Run the prompts through the model, fill the cache; last-position logits (B, V)."""
+    prefix = model.config.pre_seq_len or 0
+    cache.reset(batch.ids.shape[0])
+    cache.reserve(prefix + batch.width)
+    if prefix:
+        cache.load_prefix(model.prefix_kv(batch.ids.shape[0], dtype))
+    layout = batch.layout(0, batch.width, prefix)
+    return model(batch.ids, batch.pos, cache, layout, logits_at="last")[:, -1]
+
+
+def decode_one_token(model: ChatGLMModel, batch: Batch, tokens: torch.Tensor, index: int,
+                     cache: KVCache) -> torch.Tensor:
+    """Feed one token per row (B, 1) at padded ``index``; logits (B, V)."""
+    prefix = model.config.pre_seq_len or 0
+    layout = batch.layout(index, 1, prefix)
+    pos = batch.next_positions(index)
+    return model(tokens, pos, cache, layout, logits_at="last")[:, -1]
+
+
+@torch.inference_mode()
+def generate_step(model: ChatGLMModel, prompts: list[list[int]], gen: GenerationConfig,
+                  cache: KVCache, dtype) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) on CPU, until every row has finished.
+
+    Rows that reached <eop> keep being fed <eop> (their output is ignored by the caller); a row
+    never sees another row's tokens, so each gets exactly the tokens it would get alone.
+    """
+    cfg = model.config
+    device = next(model.parameters()).device
+    batch = Batch(prompts, cfg, device)
+    steps = max(gen.budget(n) for n in batch.lengths)
+    limit = cache.max_len - (cfg.pre_seq_len or 0)
+    if batch.width + steps > limit:
+        steps = limit - batch.width
+        if steps < 0:
+            raise ContextTooLongError(
+                f"the prompt has {batch.width} tokens; the context holds {limit}")
+    if steps == 0:
+        return
+    generator = None
+    if gen.seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(gen.seed)
+    sampler = make_sampler(0.0 if gen.greedy else gen.temperature, gen.top_p, gen.top_k,
+                           generator)
+    history = batch.ids.cpu()
+    logits = prefill(model, batch, cache, dtype)
+    index = batch.width
+    for step in range(steps):
+        scores = replace_invalid(logits.float().cpu())
+        if gen.repetition_penalty != 1.0:
+            scores = repetition_penalty(scores, history, gen.repetition_penalty)
+        token = sampler(scores)  # (B,)
+        yield token
+        if step == steps - 1:
+            return
+        history = torch.cat([history, token[:, None]], dim=1)
+        logits = decode_one_token(model, batch, token[:, None].to(device), index, cache)
+        index += 1
+
+
+@dataclass
+class GenerationResponse:
+    """One step of ``stream_generate``."""
+
+    text: str  # new text since the previous step (may be empty)
+    token: int | None  # the token of this step (None for the final flush)
+    finish_reason: str | None = None  # "stop" (<eop> or stop string), "length", or None
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0  # prefill speed, tokens/s
+    generation_tps: float = 0.0  # decode speed, tokens/s
+
+
+def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: GenerationConfig,
+                    cache: KVCache, dtype) -> Iterator[GenerationResponse]:
+    """Yield text as it is produced for one prompt; never a broken multi-byte character."""
+    from .tokenizer import StreamDecoder
+
+    decoder = StreamDecoder(tokenizer)
+    eos = model.config.eos_token_id
+    budget = gen.budget(len(prompt))
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    text = ""
+    finish = None
+    for token in generate_step(model, [prompt], gen, cache, dtype):
+        tok = int(token[0])
+        if t_first is None:
+            t_first = time.perf_counter()
+        n += 1
+        if tok == eos:
+            finish = "stop"
+            break
+        piece = decoder.add(tok)
+        text += piece
+        stop_at = _find_stop(text, gen.stop)
+        if stop_at is not None:
+            piece = piece[: len(piece) - (len(text) - stop_at)]
+            yield _response(piece, tok, "stop", prompt, n, t0, t_first)
+            return
+        finish = "length" if n >= budget else None
+        if finish:
+            break
+        yield _response(piece, tok, None, prompt, n, t0, t_first)
+    if finish is None:
+        finish = "length"  # ran out of context
+    yield _response(decoder.flush(), None, finish, prompt, n, t0, t_first)
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _response(text, token, finish, prompt, n, t0, t_first) -> GenerationResponse:
+    now = time.perf_counter()
+    t_first = t_first or now
+    return GenerationResponse(
+        text=text, token=token, finish_reason=finish, prompt_tokens=len(prompt),
+        generation_tokens=n,
+        prompt_tps=len(prompt) / max(t_first - t0, 1e-9),
+        generation_tps=(n - 1) / (now - t_first) if n > 1 and now > t_first else 0.0,
+    )
+
+
+def generate(model: ChatGLMModel, prompts: list[list[int]], gen: GenerationConfig,
+             cache: KVCache, dtype) -> list[list[int]]:
+    """New token ids of each prompt, each ending with <eop> if generation stopped there."""
+    eos = model.config.eos_token_id
+    budgets = [gen.budget(len(p)) for p in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [b == 0 for b in budgets]
+    for token in generate_step(model, prompts, gen, cache, dtype):
+        for r, tok in enumerate(token.tolist()):
+            if done[r]:
+                continue
+            out[r].append(tok)
+            done[r] = tok == eos or len(out[r]) >= budgets[r]
+        if all(done):
+            break
+    return out

@@ -1,0 +1,284 @@
+"""ChatGLM-6B (v1) as plain PyTorch modules: GLM blocks, 2-D rotary positions, prefix-LM attention.
+
+Parameter names follow the official checkpoint (``transformer.layers.N.attention.query_key_value``
+...), so loading needs no key mapping. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+
+
+OFFICIAL_ALPHA_LAYERS = 28
+
+
+@dataclass
+class AttentionLayout:
+    """Where each query may look, for one forward call.
+
+    Keys live in cache slots ``[0, kv_len)``; slot ``s`` holds prefix key ``s`` when
+    ``s < prefix_len`` and token ``s - prefix_len`` otherwise. Query ``t`` of this call is token
+    ``start + t``. Token ``j`` is visible to token ``i`` when ``j >= pad[b]`` and
+    (``j < context[b]`` or ``j <= i``): the context (everything before ``<sop>``) is attended
+    bidirectionally, the rest causally (the official prefix-LM mask).
+    """
+
+    start: int  # index of this call's first token
+    kv_len: int  # cache slots in use after this call (prefix included)
+    prefix_len: int = 0  # P-Tuning v2 prefix slots at the front of the cache
+    context: list[int] | None = None  # per row: index of <sop> (None: no row has padding/info)
+    pad: list[int] | None = None  # per row: left-padding length (None: no padding)
+
+    def split_at(self, batch_size: int) -> int | None:
+        """For an unpadded single row: number of leading queries that need no mask at all.
+
+        Those are the context queries (they see exactly the context keys, which are all in
+        the cache by then); the rest (from ``<sop>`` on) see a causal window.
+        """
+        if batch_size != 1 or self.pad is not None:
+            return None
+        ctx = self.context[0] if self.context else self.start
+        return max(0, ctx - self.start)
+
+    def mask(self, q_len: int, device) -> torch.Tensor | None:
+        """Boolean mask (True = may attend), shape (B, 1, q_len, kv_len), or None if all-visible."""
+        if self.pad is None and self.context is None:
+            return None
+        b = len(self.pad if self.pad is not None else self.context)
+        i = torch.arange(self.start, self.start + q_len, device=device)[:, None]  # (q, 1)
+        j = torch.arange(self.kv_len - self.prefix_len, device=device)[None, :]  # (1, k)
+        rows = []
+        for r in range(b):
+            ctx = self.context[r] if self.context else self.start
+            pad = self.pad[r] if self.pad else 0
+            ok = (j >= pad) & ((j < ctx) | (j <= i))  # (q, k)
+            # Padded queries see nothing; let them see themselves so softmax stays finite
+            # (their outputs are never used: no real token can see them).
+            ok |= (i < pad) & (j == i)
+            rows.append(ok)
+        m = torch.stack(rows)[:, None]  # (B, 1, q, k)
+        if self.prefix_len:
+            m = F.pad(m, (self.prefix_len, 0), value=True)
+        return m
+
+
+def rotary_inv_freq(dim: int) -> torch.Tensor:
+    """Official rotary frequencies: computed in float32 then rounded to float16."""
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return inv.half().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryTable(nn.Module):
+    """cos/sin tables for one rotary half of a head, in float32, cast on use."""
+
+    def __init__(self, dim: int, max_len: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("inv_freq", rotary_inv_freq(dim), persistent=False)
+        self._build(max_len)
+
+    def _build(self, n: int):
+        t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)  # (n, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, dim)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, T) -> cos, sin of shape (B, T, 1, dim)."""
+        need = int(pos.max()) + 1
+        if need > self.cos.shape[0]:
+            self._build(max(need, 2 * self.cos.shape[0]))
+        return self.cos[pos].to(dtype)[:, :, None], self.sin[pos].to(dtype)[:, :, None]
+
+
+def apply_rotary_2d(x: torch.Tensor, rope) -> torch.Tensor:
+    """x (B, T, nh, hd): first half of each head rotated by positions, second by block positions."""
+    (cos1, sin1), (cos2, sin2) = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    x1 = x1 * cos1 + rotate_half(x1) * sin1
+    x2 = x2 * cos2 + rotate_half(x2) * sin2
+    return torch.cat((x1, x2), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, rope, cache: KVCache, layout: AttentionLayout, prefix=None):
+        b, t, _ = x.shape
+        qkv = self.query_key_value(x).view(b, t, self.num_heads, 3 * self.head_dim)
+        # Rows of query_key_value are interleaved per head: [q_h, k_h, v_h] for each head h.
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, T, nh, hd)
+        q = apply_rotary_2d(q, rope)
+        k = apply_rotary_2d(k, rope)
+        slot = layout.prefix_len + layout.start
+        keys, values = cache.update(self.layer_id, slot, k.transpose(1, 2), v.transpose(1, 2))
+        q = q.transpose(1, 2)  # (B, nh, T, hd)
+        # Official code scales by 1/(sqrt(hd)*(l+1)) then multiplies back by (l+1) in float32:
+        # mathematically plain 1/sqrt(hd), which SDPA applies.
+        split = layout.split_at(b)
+        if split is None:
+            mask = layout.mask(t, x.device)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            # Context queries see exactly the context keys (no mask needed); the queries from
+            # <sop> on see a causal window, which is small.
+            parts = []
+            if split > 0:
+                n_ctx = slot + split
+                parts.append(F.scaled_dot_product_attention(
+                    q[:, :, :split], keys[:, :, :n_ctx], values[:, :, :n_ctx]))
+            if split < t:
+                tail = t - split
+                if tail == 1:
+                    mask = None  # the last token sees every key
+                else:
+                    i = torch.arange(tail, device=x.device)[:, None]
+                    j = torch.arange(keys.shape[2], device=x.device)[None, :]
+                    mask = j <= (keys.shape[2] - tail + i)  # (tail, kv)
+                parts.append(F.scaled_dot_product_attention(
+                    q[:, :, split:], keys, values, attn_mask=mask))
+            out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, h)
+        return self.dense(out)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(gelu_tanh(self.dense_h_to_4h(x)))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.attention = SelfAttention(cfg, layer_id)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+        # The official code never passes num_layers to its blocks, so every block uses the
+        # default of 28 layers whatever the config says (the same for the real 28-layer model).
+        self.alpha = math.sqrt(2 * OFFICIAL_ALPHA_LAYERS)
+
+    def forward(self, x, rope, cache, layout):
+        # DeepNorm-style residual: the *normalised* input is scaled and added back.
+        h = self.input_layernorm(x)
+        x = h * self.alpha + self.attention(h, rope, cache, layout)
+        h = self.post_attention_layernorm(x)
+        return h * self.alpha + self.mlp(h)
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2: learned past keys/values for every layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        width = cfg.num_layers * 2 * cfg.hidden_size
+        self.embedding = nn.Embedding(cfg.pre_seq_len, width)
+        if cfg.prefix_projection:
+            hidden = cfg.prefix_hidden_size or cfg.hidden_size
+            self.embedding = nn.Embedding(cfg.pre_seq_len, cfg.hidden_size)
+            self.trans = nn.Sequential(
+                nn.Linear(cfg.hidden_size, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        else:
+            self.trans = None
+
+    def forward(self, idx):
+        x = self.embedding(idx)
+        return self.trans(x) if self.trans is not None else x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(cfg, i) for i in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.prefix_encoder = PrefixEncoder(cfg) if cfg.pre_seq_len else None
+
+
+class ChatGLMModel(nn.Module):
+    """ChatGLM-6B: ``forward`` runs the blocks and returns logits at the requested positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = Transformer(cfg)
+        rot = cfg.head_dim // 2  # 2-D: each half of a head has its own rotary table
+        self.rotary = RotaryTable(rot, cfg.max_sequence_length)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.transformer.word_embeddings.weight  # tied
+
+    def prefix_kv(self, batch_size: int, dtype) -> torch.Tensor:
+        """P-Tuning prefix as (layers, 2, B, nh, P, hd) keys/values, no rotary applied."""
+        cfg = self.config
+        enc = self.transformer.prefix_encoder
+        idx = torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)
+        kv = enc(idx).to(dtype)  # (P, layers*2*h)
+        kv = kv.view(cfg.pre_seq_len, cfg.num_layers, 2, cfg.num_attention_heads, cfg.head_dim)
+        kv = kv.permute(1, 2, 3, 0, 4)  # (layers, 2, nh, P, hd)
+        return kv[:, :, None].expand(-1, -1, batch_size, -1, -1, -1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor,  # (B, 2, T)
+        cache: KVCache,
+        layout: AttentionLayout,
+        logits_at: str | torch.Tensor | None = "last",  # "last", "all", index tensor, or None
+        return_hidden: bool = False,
+    ):
+        x = self.transformer.word_embeddings(input_ids)  # (B, T, h)
+        x = x.to(cache.dtype)
+        rope = (self.rotary(position_ids[:, 0], x.dtype), self.rotary(position_ids[:, 1], x.dtype))
+        for layer in self.transformer.layers:
+            x = x.to(_device_of(layer))
+            if rope[0][0].device != x.device:
+                rope = tuple((c.to(x.device), s.to(x.device)) for c, s in rope)
+            x = layer(x, rope, cache, layout)
+        x = x.to(self.transformer.final_layernorm.weight.device)
+        x = self.transformer.final_layernorm(x)
+        if return_hidden:
+            return x
+        if logits_at is None:
+            return None
+        if isinstance(logits_at, str):
+            x = x[:, -1:] if logits_at == "last" else x
+        else:
+            x = x[:, logits_at]
+        w = self.lm_head_weight
+        return F.linear(x.to(w.device, w.dtype), w).float()  # (B, t, V)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device if any(True for _ in module.parameters()) else \
+        next(module.buffers()).device
