@@ -18,19 +18,25 @@ from .model import AttentionLayout, ChatGLMModel
 from .sampling import make_sampler, replace_invalid, repetition_penalty
 
 
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class GenerationConfig:
-    """How to pick tokens and when to stop."""
+    """How to pick tokens and when to stop. Field help texts become the CLI flags' help."""
 
-    max_new_tokens: int | None = 256  # tokens to generate at most (None: up to max_length)
-    max_length: int | None = None  # prompt + generated tokens at most (official `max_length`)
-    do_sample: bool = False  # False: greedy (argmax), like the official do_sample=False
-    temperature: float = 1.0  # sampling temperature; 0 means greedy
-    top_p: float = 1.0  # nucleus sampling mass
-    top_k: int = 0  # keep only the k most likely tokens (0 = off)
-    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or answer
-    seed: int | None = None  # makes sampling reproducible
-    stop: list[str] = field(default_factory=list)  # stop strings (checked on the text)
+    max_new_tokens: int | None = _opt(256, "generate at most this many tokens")
+    max_length: int | None = _opt(
+        None, "prompt + answer tokens at most (the official max_length)")
+    do_sample: bool = _opt(False, "sample instead of always taking the most likely token")
+    temperature: float = _opt(1.0, "sampling temperature; 0 means greedy (no sampling)")
+    top_p: float = _opt(1.0, "nucleus sampling: keep the top tokens holding this much mass")
+    top_k: int = _opt(0, "keep only the k most likely tokens (0 = off)")
+    repetition_penalty: float = _opt(
+        1.0, "values > 1 discourage tokens already in the prompt or answer")
+    seed: int | None = _opt(None, "random seed, for reproducible sampling")
+    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings"})
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -210,39 +216,48 @@ class GenerationResponse:
 
 def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: GenerationConfig,
                     cache: KVCache, dtype) -> Iterator[GenerationResponse]:
-    """Yield text as it is produced for one prompt; never a broken multi-byte character."""
+    """Yield text as it is produced for one prompt; never a broken multi-byte character.
+
+    Text that could be the start of a stop string is held back until it is known not to be.
+    """
     from .tokenizer import StreamDecoder
 
     decoder = StreamDecoder(tokenizer)
     eos = model.config.eos_token_id
     budget = gen.budget(len(prompt))
+    hold = max((len(s) for s in gen.stop if s), default=1) - 1
     t0 = time.perf_counter()
     t_first = None
     n = 0
-    text = ""
-    finish = None
+    text, emitted = "", 0
+
+    def step(token, finish):
+        nonlocal emitted
+        stop_at = _find_stop(text, gen.stop)
+        if stop_at is not None:
+            finish, end = "stop", stop_at
+        else:
+            end = len(text) if finish else max(emitted, len(text) - hold)
+        piece, emitted = text[emitted:end], end
+        return _response(piece, token, finish, prompt, n, t0, t_first)
+
+    finish = "length"  # if the loop ends without <eop>, the context is full
     for token in generate_step(model, [prompt], gen, cache, dtype):
         tok = int(token[0])
-        if t_first is None:
-            t_first = time.perf_counter()
+        t_first = t_first or time.perf_counter()
         n += 1
         if tok == eos:
             finish = "stop"
             break
-        piece = decoder.add(tok)
-        text += piece
-        stop_at = _find_stop(text, gen.stop)
-        if stop_at is not None:
-            piece = piece[: len(piece) - (len(text) - stop_at)]
-            yield _response(piece, tok, "stop", prompt, n, t0, t_first)
-            return
-        finish = "length" if n >= budget else None
-        if finish:
+        text += decoder.add(tok)
+        if n >= budget:
             break
-        yield _response(piece, tok, None, prompt, n, t0, t_first)
-    if finish is None:
-        finish = "length"  # ran out of context
-    yield _response(decoder.flush(), None, finish, prompt, n, t0, t_first)
+        r = step(tok, None)
+        yield r
+        if r.finish_reason:
+            return
+    text += decoder.flush()
+    yield step(None, finish)
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:
