@@ -55,14 +55,32 @@ def fit_prompt(tokenizer, query: str, history: History, budget: int,
                reserve: int) -> FittedPrompt:
     """Drop the oldest rounds until prompt + ``reserve`` new tokens fit in ``budget`` tokens.
 
-    The current query is never dropped; if it alone does not fit, that is an error.
+    The current query is never dropped; if it alone does not fit, that is an error. Prompt
+    length only shrinks as rounds are dropped, so the fewest rounds to drop is found by
+    bisection: a long conversation costs O(log rounds) tokenizations, not O(rounds).
     """
-    for dropped in range(len(history) + 1):
-        kept = history[dropped:]
-        ids = tokenizer.encode(build_prompt(query, kept))
+
+    def encode(dropped: int) -> list[int]:
+        return tokenizer.encode(build_prompt(query, history[dropped:]))
+
+    ids = encode(0)
+    if len(ids) + reserve <= budget:
+        return FittedPrompt(ids, list(history), 0)
+    alone = encode(len(history))
+    if len(alone) + reserve > budget:
+        raise ContextTooLongError(
+            f"the message is {len(alone)} tokens; with {reserve} tokens reserved for the answer "
+            f"it does not fit the context budget of {budget} tokens. Shorten it or lower "
+            "max_new_tokens."
+        )
+    lo, hi, best = 1, len(history), alone  # invariant: dropping `hi` rounds fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ids = encode(mid)
         if len(ids) + reserve <= budget:
-            return FittedPrompt(ids, kept, dropped)
-    raise ContextTooLongError(
-        f"the message is {len(ids)} tokens; with {reserve} tokens reserved for the answer it "
-        f"does not fit the context budget of {budget} tokens. Shorten it or lower max_new_tokens."
-    )
+            hi, best = mid, ids
+        else:
+            lo = mid + 1
+    if hi != len(history) and best is alone:
+        best = encode(hi)
+    return FittedPrompt(best, list(history[hi:]), hi)
