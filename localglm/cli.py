@@ -12,7 +12,7 @@ from .errors import LocalGLMError
 # name -> (module under localglm.commands, one-line help)
 COMMANDS = {
     "chat": ("chat", "chat with a model in the terminal (or answer one prompt with -p)"),
-    "serve": ("serve", "serve the OpenAI-compatible API, the official api.py protocol and a web UI"),
+    "serve": ("serve", "serve an OpenAI-compatible API, the official api.py protocol and a web UI"),
     "quantize": ("quantize", "convert a model to int8/int4 (or fp16/bf16 safetensors) once"),
     "doctor": ("doctor", "show this machine, the memory each precision needs and what is picked"),
     "bench": ("bench", "measure load time, prefill and decode speed, and peak memory"),

@@ -22,8 +22,8 @@ from .model import AttentionLayout, ChatGLMModel
 from .tokenizer import ChatGLMTokenizer
 
 # Official model.chat defaults.
-CHAT_DEFAULTS = dict(max_length=2048, max_new_tokens=None, do_sample=True, top_p=0.7,
-                     temperature=0.95)
+CHAT_DEFAULTS = {"max_length": 2048, "max_new_tokens": None, "do_sample": True, "top_p": 0.7,
+                 "temperature": 0.95}
 _GEN_FIELDS = {f.name for f in fields(GenerationConfig)}
 
 
@@ -111,13 +111,15 @@ class LocalGLM:
         prompts = [list(ids)] if single else [list(p) for p in ids]
         with self._lock:
             if len(prompts) == 1:
-                out = _generate(self.model, prompts, cfg, self.cache(), self.dtype)
+                out = _generate(self.model, prompts, cfg, self.cache(), self.dtype,
+                                self.tokenizer.vocab_size)
             else:
                 longest = max(len(p) for p in prompts)
                 cache = new_cache(self.model, len(prompts),
                                   min(self.max_context, longest + max(cfg.budget(1), 1)),
                                   self.dtype)
-                out = _generate(self.model, prompts, cfg, cache, self.dtype)
+                out = _generate(self.model, prompts, cfg, cache, self.dtype,
+                                self.tokenizer.vocab_size)
         return out[0] if single else out
 
     def stream_generate(self, ids: list[int], gen: GenerationConfig | None = None,
@@ -147,10 +149,8 @@ class LocalGLM:
 
     def chat(self, query: str, history=None, **gen) -> tuple[str, chatfmt.History]:
         """Like the official ``model.chat``: returns (response, history + [(query, response)])."""
-        step = None
-        for step in self.chat_stream(query, history, **gen):
-            pass
-        return step.response, step.history
+        *_, last = self.chat_stream(query, history, **gen)
+        return last.response, last.history
 
     def stream_chat(self, query: str, history=None, **gen):
         """Like the official ``model.stream_chat``: yields (response_so_far, history)."""

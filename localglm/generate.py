@@ -15,7 +15,7 @@ import torch
 from .cache import KVCache
 from .errors import ContextTooLongError, LocalGLMError
 from .model import AttentionLayout, ChatGLMModel
-from .sampling import make_sampler, replace_invalid, repetition_penalty
+from .sampling import make_sampler, repetition_penalty, replace_invalid
 
 
 def _opt(default, help: str, **kw):
@@ -104,7 +104,7 @@ class Batch:
         width = max(self.lengths)
         self.pad = [width - n for n in self.lengths]
         ids, pos = [], []
-        for p, info, pad in zip(prompts, self.infos, self.pad):
+        for p, info, pad in zip(prompts, self.infos, self.pad, strict=True):
             ids.append([cfg.pad_token_id] * pad + list(p))
             rows = info.positions(0, len(p))
             pos.append([[0] * pad + r for r in rows])
@@ -121,14 +121,14 @@ class Batch:
             start=start,
             kv_len=prefix_len + start + n,
             prefix_len=prefix_len,
-            context=[pad + info.context for pad, info in zip(self.pad, self.infos)],
+            context=[pad + info.context for pad, info in zip(self.pad, self.infos, strict=True)],
             pad=list(self.pad) if padded else None,
         )
 
     def next_positions(self, index: int) -> torch.Tensor:
         """Positions (B, 2, 1) of the token at padded index ``index`` in every row."""
         rows = [info.positions(index - pad, index - pad + 1)
-                for info, pad in zip(self.infos, self.pad)]
+                for info, pad in zip(self.infos, self.pad, strict=True)]
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
 
@@ -162,11 +162,14 @@ def decode_one_token(model: ChatGLMModel, batch: Batch, tokens: torch.Tensor, in
 
 @torch.inference_mode()
 def generate_step(model: ChatGLMModel, prompts: list[list[int]], gen: GenerationConfig,
-                  cache: KVCache, dtype) -> Iterator[torch.Tensor]:
+                  cache: KVCache, dtype, vocab_limit: int | None = None
+                  ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) on CPU, until every row has finished.
 
     Rows that reached <eop> keep being fed <eop> (their output is ignored by the caller); a row
     never sees another row's tokens, so each gets exactly the tokens it would get alone.
+    ``vocab_limit``: ids from here on are never picked (the real checkpoint's embedding has
+    184 rows more than the tokenizer has pieces).
     """
     cfg = model.config
     device = next(model.parameters()).device
@@ -190,6 +193,8 @@ def generate_step(model: ChatGLMModel, prompts: list[list[int]], gen: Generation
     index = batch.width
     for step in range(steps):
         scores = replace_invalid(logits.float().cpu())
+        if vocab_limit is not None and vocab_limit < scores.shape[-1]:
+            scores[:, vocab_limit:] = float("-inf")
         if gen.repetition_penalty != 1.0:
             scores = repetition_penalty(scores, history, gen.repetition_penalty)
         token = sampler(scores)  # (B,)
@@ -242,7 +247,7 @@ def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: Gene
         return _response(piece, token, finish, prompt, n, t0, t_first)
 
     finish = "length"  # if the loop ends without <eop>, the context is full
-    for token in generate_step(model, [prompt], gen, cache, dtype):
+    for token in generate_step(model, [prompt], gen, cache, dtype, tokenizer.vocab_size):
         tok = int(token[0])
         t_first = t_first or time.perf_counter()
         n += 1
@@ -277,13 +282,13 @@ def _response(text, token, finish, prompt, n, t0, t_first) -> GenerationResponse
 
 
 def generate(model: ChatGLMModel, prompts: list[list[int]], gen: GenerationConfig,
-             cache: KVCache, dtype) -> list[list[int]]:
+             cache: KVCache, dtype, vocab_limit: int | None = None) -> list[list[int]]:
     """New token ids of each prompt, each ending with <eop> if generation stopped there."""
     eos = model.config.eos_token_id
     budgets = [gen.budget(len(p)) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
     done = [b == 0 for b in budgets]
-    for token in generate_step(model, prompts, gen, cache, dtype):
+    for token in generate_step(model, prompts, gen, cache, dtype, vocab_limit):
         for r, tok in enumerate(token.tolist()):
             if done[r]:
                 continue

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
+from . import weights
 from .config import ModelConfig
 from .engine import LocalGLM
 from .errors import LocalGLMError, ModelFormatError
 from .model import ChatGLMModel, RotaryTable
 from .tokenizer import ChatGLMTokenizer
-from . import weights
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -135,5 +135,6 @@ def read_ptuning(ptuning_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
     if not pre_seq_len:
         raise ModelFormatError(f"{ptuning_dir}: cannot tell pre_seq_len")
     cfg.pre_seq_len = int(pre_seq_len)
-    cfg.prefix_projection = bool(extra.get("prefix_projection", prefix + "trans.0.weight" in tensors))
+    has_trans = prefix + "trans.0.weight" in tensors
+    cfg.prefix_projection = bool(extra.get("prefix_projection", has_trans))
     return tensors

@@ -16,7 +16,6 @@ from torch import nn
 from .cache import KVCache
 from .config import ModelConfig
 
-
 OFFICIAL_ALPHA_LAYERS = 28
 
 
@@ -261,7 +260,7 @@ class ChatGLMModel(nn.Module):
         x = x.to(cache.dtype)
         rope = (self.rotary(position_ids[:, 0], x.dtype), self.rotary(position_ids[:, 1], x.dtype))
         for layer in self.transformer.layers:
-            x = x.to(_device_of(layer))
+            x = x.to(layer.input_layernorm.weight.device)
             if rope[0][0].device != x.device:
                 rope = tuple((c.to(x.device), s.to(x.device)) for c, s in rope)
             x = layer(x, rope, cache, layout)
@@ -277,8 +276,3 @@ class ChatGLMModel(nn.Module):
             x = x[:, logits_at]
         w = self.lm_head_weight
         return F.linear(x.to(w.device, w.dtype), w).float()  # (B, t, V)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device if any(True for _ in module.parameters()) else \
-        next(module.buffers()).device

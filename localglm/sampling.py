@@ -54,8 +54,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_sampler(
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """(B, V) logits -> (B,) ids. Temperature 0 is argmax (greedy)."""
     if temperature <= 0:
         return lambda logits: logits.argmax(dim=-1)

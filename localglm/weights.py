@@ -54,8 +54,9 @@ def is_lfs_pointer(path: Path) -> bool:
 
 def _lfs_error(files: list[Path]) -> ModelFormatError:
     names = ", ".join(f.name for f in files)
+    what = "is a Git LFS pointer" if len(files) == 1 else "are Git LFS pointers"
     return ModelFormatError(
-        f"{files[0].parent}: {names} {'is a Git LFS pointer' if len(files) == 1 else 'are Git LFS pointers'}"
+        f"{files[0].parent}: {names} {what}"
         " (a small text file), not the weights. Run `git lfs install && git lfs pull` in that "
         "directory, or download the files by hand from the model page."
     )
@@ -106,7 +107,7 @@ def read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, f.get_tensor(name)
             return
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -217,7 +218,7 @@ def save_model_dir(out_dir: Path, state: dict[str, torch.Tensor], config: dict,
             fname = "model.safetensors" if len(shards) == 1 else \
                 f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
+            weight_map.update(dict.fromkeys(shard, fname))
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for t in state.values())
             (tmp / "model.safetensors.index.json").write_text(json.dumps(

@@ -11,7 +11,8 @@ from localglm.errors import ContextTooLongError
 def test_prompt_format():
     assert build_prompt("你好") == "你好"
     h = [("a", "b"), ("c", "d")]
-    assert build_prompt("e", h) == "[Round 0]\n问：a\n答：b\n[Round 1]\n问：c\n答：d\n[Round 2]\n问：e\n答："
+    assert build_prompt("e", h) == (
+        "[Round 0]\n问：a\n答：b\n[Round 1]\n问：c\n答：d\n[Round 2]\n问：e\n答：")
 
 
 def test_process_response():

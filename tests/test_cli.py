@@ -1,10 +1,11 @@
 """The `localglm` command line, run as a user would."""
 
+import contextlib
 import os
 import subprocess
 import sys
 
-import localglm.cli as cli
+from localglm import cli
 
 
 def run(*args, stdin=None):
@@ -39,10 +40,8 @@ def test_help_lists_commands():
 
 
 def test_chat_help_explains_generation_flags(capsys):
-    try:
+    with contextlib.suppress(SystemExit):
         cli.main(["chat", "--help"])
-    except SystemExit:
-        pass
     out = capsys.readouterr().out
     for flag in ("--temperature", "--top-p", "--max-length", "--seed", "--history", "-p"):
         assert flag in out

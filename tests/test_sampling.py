@@ -2,8 +2,13 @@ import math
 
 import torch
 
-from localglm.sampling import (make_sampler, repetition_penalty, replace_invalid,
-                               top_k_filter, top_p_filter)
+from localglm.sampling import (
+    make_sampler,
+    repetition_penalty,
+    replace_invalid,
+    top_k_filter,
+    top_p_filter,
+)
 
 NEG = float("-inf")
 

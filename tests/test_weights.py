@@ -25,7 +25,7 @@ def _load(path):
 def test_safetensors_copy_loads_and_matches(tmp_path, tiny, tiny_dir):
     from localglm.weights import iter_checkpoint
 
-    state = {k: v for k, v in iter_checkpoint(tiny_dir)}
+    state = dict(iter_checkpoint(tiny_dir))
     cfg = json.loads((tiny_dir / "config.json").read_text())
     out = tmp_path / "st"
     save_model_dir(out, state, cfg, copy_from=tiny_dir, max_shard_bytes=400_000)

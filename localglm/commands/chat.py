@@ -11,8 +11,7 @@ from pathlib import Path
 from ..chat import normalize_history
 from ..engine import CHAT_DEFAULTS
 from ..errors import LocalGLMError
-from .common import add_generation_arguments, add_model_arguments, generation_kwargs, \
-    load_from_args
+from .common import add_generation_arguments, add_model_arguments, generation_kwargs, load_from_args
 
 HELP = """commands:
   clear, /clear      forget the conversation
