@@ -85,7 +85,7 @@ def choose_precision(cfg: ModelConfig, device: Device, context: int,
     for p in order:
         need = needed_bytes(cfg, p, context)
         if need <= budget:
-            return p, (f"{p} needs {need / GiB:.1f} GiB (weights + KV cache for {context} "
+            return p, (f"{p} needs {need / GiB:.2f} GiB (weights + KV cache for {context} "
                        f"tokens); {device.name} has {device.free_bytes / GiB:.1f} GiB free")
     p = order[-1]
     need = needed_bytes(cfg, p, context)

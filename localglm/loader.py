@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,52 +64,99 @@ def load(
     compute_dtype: str | torch.dtype | None = None,
     max_context: int | None = None,
     ptuning: str | os.PathLike | None = None,
+    devices: str | list[str] | None = None,
     progress: bool = False,
 ) -> LocalGLM:
-    """Load a ChatGLM-6B model directory (or a cached Hugging Face model id).
+    """Load a ChatGLM-6B model directory (or a model id already in the Hugging Face cache).
 
-    precision: "float32", "bfloat16", "float16", "int8", "int4" or "auto" (the checkpoint's
-    own precision, in the device's fastest float type). compute_dtype: activation dtype for
-    quantized weights (default: the device's fastest). ptuning: a P-Tuning v2 checkpoint dir.
+    precision: "float32", "bfloat16", "float16", "int8", "int4", or "auto": the most precise
+    that fits the device's free memory with headroom (see ``localglm doctor``).
+    device: "auto" (CUDA > MPS > CPU), "cpu", "cuda", "cuda:N" or "mps".
+    devices: e.g. "cuda:0,cuda:1": split the layers over several devices in proportion to
+    their free memory. compute_dtype: activation dtype for int8/int4 weights (default: the
+    device's fastest; "float32" is the exact reference path). max_context: KV-cache budget
+    per conversation (default: the model's max_sequence_length). ptuning: a P-Tuning v2
+    checkpoint directory.
     """
     model_dir = weights.resolve_model_path(path)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     tokenizer = ChatGLMTokenizer.from_dir(model_dir)
-    dev = resolve_device(device)
-    precision = canonical_precision(precision)
-    prefix_tensors = {}
-    if ptuning is not None:
-        prefix_tensors = read_ptuning(Path(ptuning), cfg)
-    if cfg.quantization_bit:
-        raise LocalGLMError(
-            f"{model_dir} holds int{cfg.quantization_bit} weights; quantized checkpoints are "
-            "not supported by this build"
-        )
+    prefix_tensors = read_ptuning(Path(ptuning), cfg) if ptuning is not None else {}
+    placement = plan_placement(cfg, canonical_precision(precision), device, devices,
+                               max_context or cfg.max_sequence_length, compute_dtype)
+    with torch.device("meta"):
+        model = ChatGLMModel(cfg)
+    tensors = weights.iter_checkpoint(model_dir, progress=progress)
+    if prefix_tensors:
+        tensors = _chain(tensors, prefix_tensors.items())
+    weights.load_into(model, tensors, placement.convert, str(model_dir), _ignore)
+    model.rotary = RotaryTable(cfg.head_dim // 2, cfg.max_sequence_length).to(
+        placement.first)
+    return LocalGLM(model, tokenizer, placement.dtype, max_context=max_context,
+                    precision=placement.precision, path=str(model_dir))
+
+
+def _ignore(name: str) -> bool:
+    # The tied head and the rotary buffers are rebuilt, as the official model does.
+    return name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
+
+
+@dataclass
+class Placement:
+    """Where and in which format every checkpoint tensor goes."""
+
+    precision: str  # weight format of the block linears
+    dtype: torch.dtype  # activations, KV cache and the other (float) weights
+    layer_devices: list[torch.device]
+    reason: str = ""
+
+    @property
+    def first(self) -> torch.device:
+        return self.layer_devices[0]
+
+    def device_of(self, name: str) -> torch.device:
+        if name.startswith("transformer.layers."):
+            return self.layer_devices[int(name.split(".")[2])]
+        return self.first  # embedding (tied head), final LayerNorm, prefix encoder
+
+    def convert(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype if t.is_floating_point() else t.dtype
+        return t.to(device=self.device_of(name), dtype=dtype)
+
+
+def plan_placement(cfg: ModelConfig, precision: str, device, devices, context: int,
+                   compute_dtype=None) -> Placement:
+    """Resolve "auto" precision/device and the per-layer devices."""
+    from .devices import available_devices, choose_precision, plan_split
+
+    names = devices.split(",") if isinstance(devices, str) else list(devices or [])
+    devs = [resolve_device(d.strip()) for d in names] or [resolve_device(device)]
+    reason = ""
     if precision == "auto":
-        precision = str(default_compute_dtype(dev)).removeprefix("torch.")
+        free = {d.name: d for d in available_devices()}
+        key = str(devs[0]) if devs[0].index is not None or devs[0].type != "cuda" else "cuda:0"
+        info = free.get(key) or free["cpu"]
+        precision, reason = choose_precision(cfg, info, context, cfg.quantization_bit)
+        if precision == "float16" and devs[0].type == "cpu":
+            precision = "bfloat16"  # CPUs have fast bf16 kernels, not fp16 ones
+    if cfg.quantization_bit and precision not in ("int4", "int8"):
+        raise LocalGLMError(
+            f"this checkpoint holds int{cfg.quantization_bit} weights; load it with "
+            f"precision='int{cfg.quantization_bit}' (or 'auto')")
     if precision in ("int8", "int4"):
         raise LocalGLMError(f"precision {precision} is not supported by this build")
     dtype = DTYPES[precision]
     if compute_dtype is not None:
         dtype = DTYPES[str(compute_dtype).removeprefix("torch.")]
+    if len(devs) > 1:
+        from .devices import Device
 
-    with torch.device("meta"):
-        model = ChatGLMModel(cfg)
-
-    def convert(name: str, t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=dev, dtype=dtype if t.is_floating_point() else t.dtype)
-
-    def ignore(name: str) -> bool:
-        # Tied head and the rotary buffers are rebuilt, as the official model does.
-        return name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
-
-    tensors = weights.iter_checkpoint(model_dir, progress=progress)
-    if prefix_tensors:
-        tensors = _chain(tensors, prefix_tensors.items())
-    weights.load_into(model, tensors, convert, str(model_dir), ignore)
-    model.rotary = RotaryTable(cfg.head_dim // 2, cfg.max_sequence_length).to(dev)
-    return LocalGLM(model, tokenizer, dtype, max_context=max_context, precision=precision,
-                    path=str(model_dir))
+        free = {d.name: d for d in available_devices()}
+        infos = [free.get(str(d), Device(str(d), 0)) for d in devs]
+        layer_devices = [torch.device(n) for n in plan_split(infos, cfg, precision, context)]
+    else:
+        layer_devices = [devs[0]] * cfg.num_layers
+    return Placement(precision, dtype, layer_devices, reason)
 
 
 def _chain(*iterables):

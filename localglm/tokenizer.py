@@ -184,7 +184,7 @@ class ChatGLMTokenizer:
         rows = [self.encode(t) for t in texts]
         width = max((len(r) for r in rows), default=0)
         pads = [width - len(r) for r in rows]
-        return [[self.pad_id] * n + r for n, r in zip(pads, rows)], pads
+        return [[self.pad_id] * n + r for n, r in zip(pads, rows, strict=True)], pads
 
 
 # -- streaming ------------------------------------------------------------------------------

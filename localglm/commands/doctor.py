@@ -1,0 +1,77 @@
+"""`localglm doctor`: this machine, what each precision needs, and what localglm would pick."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+from ..devices import GiB, available_devices, choose_precision, needed_bytes, plan_split
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="model directory (default: estimate for the real ChatGLM-6B shapes)")
+    p.add_argument("--max-context", type=int, default=2048,
+                   help="tokens of KV cache to plan for (default: 2048)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated devices to split the layers over, e.g. cuda:0,cuda:1")
+
+
+def cpu_features() -> str:
+    import torch
+
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        cap = "unknown"
+    flags = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
+              "amx_int8"]
+    have = [f for f in wanted if f in flags]
+    return f"{cap} ({', '.join(have) or 'flags unknown'})"
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:7.2f} GiB" if n >= GiB // 10 else f"{n / 2**20:7.1f} MiB"
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import ModelConfig
+    from ..weights import resolve_model_path
+
+    cfg = ModelConfig()
+    checkpoint_bits = 0
+    source = "ChatGLM-6B (real shapes)"
+    if args.model:
+        path = resolve_model_path(args.model)
+        cfg = ModelConfig.from_file(path / "config.json")
+        checkpoint_bits = cfg.quantization_bit
+        source = str(path)
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"cpu: {platform.processor() or platform.machine()}, kernels: {cpu_features()}")
+    devices = available_devices()
+    for d in devices:
+        print(f"device {d.name}: {d.free_bytes / GiB:.1f} GiB free of {d.total_bytes / GiB:.1f}")
+    print(f"\nmemory for {source}, {args.max_context}-token context:")
+    for p in ("float32", "float16", "int8", "int4"):
+        print(f"  {p:8s} {_size(needed_bytes(cfg, p, args.max_context))}")
+    best = devices[0]
+    precision, why = choose_precision(cfg, best, args.max_context, checkpoint_bits)
+    print(f"\nlocalglm picks: {precision} on {best.name}: {why}")
+    if args.devices:
+        chosen = [d for d in devices if d.name in args.devices.split(",")]
+        plan = plan_split(chosen, cfg, precision, args.max_context)
+        for d in chosen:
+            print(f"  {d.name}: {plan.count(d.name)} layers")
+    return 0
