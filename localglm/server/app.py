@@ -84,8 +84,8 @@ def create_app(worker: EngineWorker, api_key: str | None = None,
     if webui:
         try:
             from .webui import mount_webui
-        except ImportError as e:
-            app.state.webui_error = f"the web UI needs gradio ({e.name or e} is missing)"
+        except ImportError as e:  # gradio is an optional extra: serve the API without it
+            app.state.webui_error = f"the web UI needs gradio ({e})"
         else:
             mount_webui(app, worker, path=WEBUI_PATH, api_key=settings.api_key)
             app.state.webui = True

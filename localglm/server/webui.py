@@ -109,12 +109,15 @@ def build_webui(worker: EngineWorker) -> gr.Blocks:
             stop = gr.Button("Stop", elem_id="localglm-stop")
             regen = gr.Button("Regenerate", elem_id="localglm-regen")
             clear = gr.Button("New chat", elem_id="localglm-clear")
-        with gr.Accordion("Generation settings", open=False):
+        with gr.Accordion("Generation settings", open=False, elem_id="localglm-settings"):
             max_length = gr.Slider(1, context, value=min(2048, context), step=1,
-                                   label="Maximum length (prompt + answer tokens)")
-            top_p = gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Top P")
+                                   label="Maximum length (prompt + answer tokens)",
+                                   elem_id="localglm-max-length")
+            top_p = gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Top P",
+                              elem_id="localglm-top-p")
             temperature = gr.Slider(0.0, 2.0, value=0.95, step=0.01,
-                                    label="Temperature (0 = greedy)")
+                                    label="Temperature (0 = greedy)",
+                                    elem_id="localglm-temperature")
         options = [max_length, top_p, temperature]
         outputs = [chatbot, pairs, box]
         # No gradio-side limit: the engine worker's queue is the one queue for everyone.
@@ -127,6 +130,8 @@ def build_webui(worker: EngineWorker) -> gr.Blocks:
         ]
         stop.click(None, cancels=events, api_visibility="private")
         clear.click(session.clear, None, outputs, cancels=events, api_visibility="private")
+        # The chatbot's own trash button must forget the history too, not just the display.
+        chatbot.clear(session.clear, None, outputs, cancels=events, api_visibility="private")
     return demo
 
 

@@ -1,0 +1,189 @@
+"""The web chat at /chat, driven in headless Chromium against a real server, offline."""
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from server_helpers import SlowModel, running_server, wait_idle  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]
+MAX_LENGTH = 80  # prompt + answer tokens: keeps every answer short on the tiny model
+QUESTION = "写一段代码：\n```python\nprint('hi')\n```\n以及公式 $$E=mc^2$$"
+
+
+@pytest.fixture(scope="module")
+def gradio():
+    return pytest.importorskip("gradio", reason="the web UI needs gradio (localglm[serve])")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="the browser test needs playwright (pip install "
+                                   "playwright; it drives Debian's chromium)")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_webui_builds_and_is_mounted(gradio, tiny):
+    with running_server(tiny, webui=True) as (base, _):
+        r = httpx.get(f"{base}/", follow_redirects=False)
+        assert r.status_code == 307 and r.headers["location"] == "/chat/"
+        page = httpx.get(f"{base}/chat/")
+        assert page.status_code == 200 and "<html" in page.text
+        # POST / is still the api.py protocol, not the web UI.
+        r = httpx.post(f"{base}/", json={"prompt": "你好", "max_length": 12}, timeout=30)
+        assert r.status_code == 200 and r.json()["status"] == 200
+
+
+def test_webui_asks_for_the_api_key(gradio, tiny):
+    with running_server(tiny, webui=True, api_key="k3y") as (base, _):
+        assert httpx.get(f"{base}/chat/config").status_code == 401
+        login = httpx.post(f"{base}/chat/login", data={"username": "me", "password": "k3y"})
+        assert login.status_code == 200
+        wrong = httpx.post(f"{base}/chat/login", data={"username": "me", "password": "no"})
+        assert wrong.status_code >= 400
+
+
+class ChatPage:
+    """The chat page's parts, by the element ids the UI gives them."""
+
+    def __init__(self, page, base):
+        self.page = page
+        self.base = base
+
+    def answers(self) -> list[str]:
+        bots = self.page.locator("#localglm-chatbot [data-testid='bot']")
+        return [bots.nth(i).inner_text() for i in range(bots.count())]
+
+    def questions(self) -> int:
+        return self.page.locator("#localglm-chatbot [data-testid='user']").count()
+
+    def set_number(self, elem_id: str, value) -> None:
+        box = self.page.locator(f"#{elem_id} input[type=number]")
+        box.fill(str(value))
+        box.press("Enter")
+
+    def send(self, text: str) -> None:
+        self.page.locator("#localglm-input textarea").fill(text)
+        self.page.click("#localglm-send")
+
+    def served(self) -> int:
+        return httpx.get(f"{self.base}/health").json()["served"]
+
+    def wait_answer(self, n: int, served: int, timeout: float = 15) -> str:
+        """The n-th answer, once the engine has finished one more job than ``served`` and
+        the page shows the same text twice in a row."""
+        deadline = time.monotonic() + timeout
+        while self.served() <= served:
+            assert time.monotonic() < deadline, "the engine did not answer"
+            time.sleep(0.05)
+        last = None
+        while time.monotonic() < deadline:
+            answers = self.answers()
+            if len(answers) >= n and answers[n - 1] == last:
+                return last
+            last = answers[n - 1] if len(answers) >= n else None
+            time.sleep(0.2)
+        raise AssertionError(f"answer {n} did not settle: {self.answers()}")
+
+
+def test_chat_in_the_browser_streams_stops_regenerates_and_clears(gradio, browser, tiny,
+                                                                    tmp_path):
+    greedy = {"temperature": 0, "max_length": MAX_LENGTH}
+    full, history = tiny.chat(QUESTION, [], **greedy)
+    second, _ = tiny.chat("继续", history, **greedy)
+    slow = SlowModel(tiny, 0.1)  # slow enough to press Stop mid-answer on a busy machine
+    with running_server(slow, webui=True) as (base, _):
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        try:
+            drive_chat(page, base, slow, full, second, greedy, tiny, tmp_path)
+        finally:
+            page.close()  # before the server stops: the page holds a connection open
+
+
+def drive_chat(page, base, slow, full, second, greedy, tiny, tmp_path):
+    """Send, watch it stream, stop, regenerate, a second turn, new chat."""
+    from playwright.sync_api import expect  # present: the browser fixture checked
+
+    external = []
+
+    def offline(route):  # the page must need nothing from the internet
+        if route.request.url.startswith(base):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", offline)
+    page.goto(f"{base}/", wait_until="load")
+    assert page.url == f"{base}/chat/"
+    page.wait_for_selector("#localglm-input textarea", timeout=30_000)
+    chat = ChatPage(page, base)
+    page.click("#localglm-settings button, #localglm-settings .label-wrap")
+    chat.set_number("localglm-temperature", 0)
+    chat.set_number("localglm-max-length", MAX_LENGTH)
+
+    # 1. The answer streams in: it is seen growing before it is complete.
+    chat.send(QUESTION)
+    seen = set()
+    deadline = time.monotonic() + 10
+    while len(seen) < 2 and time.monotonic() < deadline:
+        answers = chat.answers()
+        if answers and answers[0]:
+            seen.add(answers[0])
+        time.sleep(0.05)
+    assert len(seen) >= 2, "no partial answer was seen"
+    # Markdown with highlighted code and LaTeX, rendered from local assets.
+    # (rendering is asynchronous: expect() waits for it)
+    user = page.locator("#localglm-chatbot [data-testid='user']").first
+    expect(user.locator("pre code")).to_have_count(1, timeout=10_000)
+    expect(user.locator(".katex").first).to_be_visible(timeout=10_000)
+
+    # 2. Stop: the answer stops growing at once and the engine is free.
+    page.click("#localglm-stop")
+    assert wait_idle(base, timeout=3) < 3
+    time.sleep(0.3)
+    stopped = chat.answers()[0]
+    time.sleep(0.5)
+    assert chat.answers()[0] == stopped
+    assert len(stopped) < len(full) and full.startswith(stopped.rstrip())
+    slow.delay = 0.01  # the rest only needs complete answers
+
+    # 3. Regenerate answers the same question again, to the end this time.
+    served = chat.served()
+    page.click("#localglm-regen")
+    assert chat.wait_answer(1, served) == full
+    assert chat.questions() == 1
+    page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
+    shutil.copy(tmp_path / "webui.png", "/tmp/webui.png")  # for a human to look at
+
+    # 4. A second turn carries the first as history.
+    served = chat.served()
+    chat.send("继续")
+    assert chat.wait_answer(2, served) == second
+    page.screenshot(path=str(tmp_path / "webui-two-turns.png"), full_page=True)
+
+    # 5. New chat forgets everything: the next answer is a first-turn answer.
+    page.click("#localglm-clear")
+    deadline = time.monotonic() + 5
+    while chat.questions() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert chat.questions() == 0 and chat.answers() == []
+    served = chat.served()
+    chat.send("继续")
+    assert chat.wait_answer(1, served) == tiny.chat("继续", [], **greedy)[0]
+    assert external == []
