@@ -78,7 +78,8 @@ def create_app(worker: EngineWorker, api_key: str | None = None,
     auth = [Depends(_auth_dependency(settings))]
     _add_info_routes(app, settings, auth)
     _add_chat_routes(app, settings, auth)
-    _add_completion_routes(app, settings, auth)
+    _add_completion_route(app, settings, auth)
+    _add_embedding_route(app, settings, auth)
     _add_apipy_route(app, settings, auth)
     app.state.webui, app.state.webui_error = False, None
     if webui:
@@ -304,30 +305,30 @@ async def _chat_events(job, model_name: str, include_usage: bool) -> AsyncIterat
     yield "data: [DONE]\n\n"
 
 
-def _add_completion_routes(app: FastAPI, settings: Settings, auth) -> None:
-    worker = settings.worker
-    tokenizer = worker.model.tokenizer
-    vocab = worker.model.config.vocab_size
+def _prompt_ids(worker: EngineWorker, prompt, param: str = "prompt") -> tuple[list[int], str]:
+    """(token ids, text) of one prompt given as text, token ids, or a list of one of them."""
+    tokenizer, vocab = worker.model.tokenizer, worker.model.config.vocab_size
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise p.APIError(400, "this server takes one prompt per request", param=param)
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt), prompt
+    if not prompt or any(not 0 <= t < vocab for t in prompt):
+        raise p.APIError(400, f"token ids must be a non-empty list of ids in [0, {vocab})",
+                         param=param)
+    return list(prompt), tokenizer.decode(prompt)
 
-    def prompt_ids(prompt) -> tuple[list[int], str]:
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise p.APIError(400, "this server takes one prompt per request",
-                                 param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return tokenizer.encode(prompt), prompt
-        if not prompt or any(not 0 <= t < vocab for t in prompt):
-            raise p.APIError(400, f"token ids must be a non-empty list of ids in [0, {vocab})",
-                             param="prompt")
-        return list(prompt), tokenizer.decode(prompt)
+
+def _add_completion_route(app: FastAPI, settings: Settings, auth) -> None:
+    worker = settings.worker
 
     @app.post("/v1/completions", dependencies=auth, tags=["openai"])
     async def completions(
             request: Request,
             body: _json_body(p.CompletionRequest, settings)):
         """Raw text completion: the prompt is encoded as is (ending in [gMASK] <sop>)."""
-        ids, text = await run_in_threadpool(prompt_ids, body.prompt)
+        ids, text = await run_in_threadpool(_prompt_ids, worker, body.prompt)
         _check_max_tokens(body.max_tokens, worker)
         room = worker.max_context - len(ids)
         max_tokens = body.max_tokens or min(COMPLETION_MAX_TOKENS, room)
@@ -358,6 +359,10 @@ def _add_completion_routes(app: FastAPI, settings: Settings, auth) -> None:
                                         finish_reason=last.finish_reason)],
             usage=_usage(last))
 
+
+def _add_embedding_route(app: FastAPI, settings: Settings, auth) -> None:
+    worker = settings.worker
+
     @app.post("/v1/embeddings", dependencies=auth, tags=["openai"])
     async def embeddings(
             request: Request,
@@ -366,7 +371,7 @@ def _add_completion_routes(app: FastAPI, settings: Settings, auth) -> None:
         inputs = body.input if isinstance(body.input, list) else [body.input]
         if inputs and isinstance(inputs[0], int):
             inputs = [inputs]
-        batch = [await run_in_threadpool(prompt_ids, [x]) for x in inputs]
+        batch = [await run_in_threadpool(_prompt_ids, worker, [x], "input") for x in inputs]
         for i, (ids, _) in enumerate(batch):
             if len(ids) > worker.max_context:
                 raise ContextTooLongError(f"input[{i}] has {len(ids)} tokens; this model's "
