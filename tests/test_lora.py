@@ -221,5 +221,7 @@ def test_bad_adapters_are_reported(tiny_dir, tmp_path):
               str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ModelFormatError, match="no module.*encoder.q"):
         lora.load_adapter(llm.model, tmp_path)
+    with pytest.raises(LocalGLMError, match="no block module is named qkv"):
+        lora.apply_lora(llm.model, targets=("query_key_value", "qkv"))
     with pytest.raises(LocalGLMError, match="rank must be >= 1"):
         lora.apply_lora(llm.model, r=0)

@@ -143,12 +143,17 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
     """
     if lora_modules(model):
         raise LocalGLMError("this model already has LoRA layers")
+    if r < 1:
+        raise LocalGLMError(f"LoRA rank must be >= 1, not {r}")
     targets = set(targets)
     cfg = getattr(model, "config", None)
     names = [n for n, _ in model.named_modules()
              if n.rpartition(".")[2] in targets and ".layers." in f".{n}"]
-    if not names:
-        raise LocalGLMError(f"no module matches the LoRA targets {sorted(targets)}")
+    unmatched = targets - {n.rpartition(".")[2] for n in names}
+    if unmatched:
+        raise LocalGLMError(
+            f"no block module is named {', '.join(sorted(unmatched))}; LoRA targets are among "
+            f"{', '.join(DEFAULT_TARGETS)}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -272,10 +277,12 @@ def _pattern(patterns: dict, name: str, default):
 
 
 def load_adapter(model: nn.Module, adapter_dir, merge: bool = False) -> None:
-    """Add a saved LoRA adapter to ``model`` in place (merged into float weights if ``merge``).
+    """Add a saved LoRA adapter to ``model`` in place.
 
-    Unmerged, the adapter stays separate (exact, and works on quantized bases); merged, it costs
-    nothing at inference but needs float weights.
+    Unmerged (default), the adapter stays a separate low-rank path: exact, and it works on
+    quantized bases. ``merge=True`` folds it into every float base weight (no cost at inference)
+    and keeps it separate only where the base is quantized. Everything is checked before the
+    model is changed.
     """
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
@@ -286,13 +293,14 @@ def load_adapter(model: nn.Module, adapter_dir, merge: bool = False) -> None:
         raise ModelFormatError(
             f"{adapter_dir}: the model has no module(s) {', '.join(unknown[:4])}; was the adapter "
             "trained on ChatGLM-6B?")
-    for name, pair in tensors.items():
-        wrapper = _wrap_loaded(model, name, modules[name], pair, cfg, adapter_dir)
-        if merge:
-            _set_submodule(model, name, wrapper.fuse())
+    wrappers = {name: _loaded_wrapper(model, name, modules[name], pair, cfg, adapter_dir)
+                for name, pair in tensors.items()}
+    for name, wrapper in wrappers.items():
+        floating = isinstance(wrapper.base_layer, nn.Linear)
+        _set_submodule(model, name, wrapper.fuse() if merge and floating else wrapper)
 
 
-def _wrap_loaded(model, name, base, pair, cfg, adapter_dir) -> LoRALinear:
+def _loaded_wrapper(model, name, base, pair, cfg, adapter_dir) -> LoRALinear:
     if isinstance(base, LoRALinear):
         raise LocalGLMError(f"{name} already has a LoRA adapter")
     fin, fout = _features(base, name.rpartition(".")[2], getattr(model, "config", None))
@@ -309,13 +317,14 @@ def _wrap_loaded(model, name, base, pair, cfg, adapter_dir) -> LoRALinear:
         wrapper.lora_A.weight.copy_(a.float())
         wrapper.lora_B.weight.copy_(b.float())
     wrapper.requires_grad_(False)
-    _set_submodule(model, name, wrapper)
     return wrapper
 
 
 def merge_adapter(model: nn.Module) -> int:
     """Merge every LoRA layer into its float base and drop the wrappers; returns the count."""
     mods = lora_modules(model)
+    for m in mods.values():
+        _float_weight(m.base_layer)  # all or nothing: check every base before changing one
     for name, m in mods.items():
         _set_submodule(model, name, m.fuse())
     return len(mods)
