@@ -417,3 +417,37 @@ def test_cors_is_off_unless_asked_for(server, tiny):
         r = httpx.options(f"{base}/v1/chat/completions",
                           headers={**headers, "Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in r.headers
+
+
+class BrokenModel:
+    """The model, except that a chat breaks after its first step (as an out-of-memory would)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def chat_stream(self, *args, **kwargs):
+        steps = self._model.chat_stream(*args, **kwargs)
+        try:
+            yield next(steps)
+            raise RuntimeError("out of memory")
+        finally:
+            steps.close()
+
+
+def test_a_failing_generation_is_an_error_and_the_server_keeps_serving(tiny):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    with running_server(BrokenModel(tiny)) as (base, _):
+        err = assert_error(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30),
+                           500)
+        assert err["type"] == "server_error" and "memory" not in err["message"]
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=30) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: {")]
+        assert events[-1]["error"]["type"] == "server_error"
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                       timeout=30)
+        assert r.status_code == 200

@@ -212,6 +212,13 @@ def _sse(data: BaseModel | dict | str) -> str:
     return f"data: {data}\n\n"
 
 
+def _stream_error(exc: Exception) -> dict:
+    if isinstance(exc, LocalGLMError):
+        return p.error_body(str(exc), "server_error")
+    log.error("generation failed", exc_info=exc)
+    return p.error_body("internal server error", "server_error")
+
+
 def _check_max_tokens(max_tokens: int | None, worker: EngineWorker) -> None:
     if max_tokens is not None and max_tokens >= worker.max_context:
         raise p.APIError(400, f"max_tokens is {max_tokens}, but this model's context holds "
@@ -291,8 +298,8 @@ async def _chat_events(job, model_name: str, include_usage: bool) -> AsyncIterat
             piece = text.delta(last.response, final=last.finish_reason is not None)
             if piece:
                 yield chunk(p.ChatDelta(content=piece))
-    except LocalGLMError as e:
-        yield _sse(p.error_body(str(e), "server_error"))
+    except Exception as e:  # the status line has gone out: the error becomes an event
+        yield _sse(_stream_error(e))
         return
     finally:
         job.cancel()  # the client went away (or we are done): free the worker
@@ -417,8 +424,8 @@ async def _completion_events(job, model_name: str, echo: str,
         async for last in job:
             if last.text or last.finish_reason:
                 yield chunk(last.text, last.finish_reason)
-    except LocalGLMError as e:
-        yield _sse(p.error_body(str(e), "server_error"))
+    except Exception as e:  # the status line has gone out: the error becomes an event
+        yield _sse(_stream_error(e))
         return
     finally:
         job.cancel()
