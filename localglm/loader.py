@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from . import weights
+from . import quantize, weights
 from .config import ModelConfig
+from .convert import quantize_stream
 from .engine import LocalGLM
 from .errors import LocalGLMError, ModelFormatError
 from .model import ChatGLMModel, RotaryTable
@@ -21,6 +22,8 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+DEFAULT_GROUP_SIZE = 32  # int4 groups when quantizing a float checkpoint
+CPU_DEQUANT_MIN_ROWS = 16  # prompts at least this long use dequantize + fp32 GEMM on AVX2 CPUs
 
 
 def canonical_precision(p: str) -> str:
@@ -65,6 +68,7 @@ def load(
     max_context: int | None = None,
     ptuning: str | os.PathLike | None = None,
     devices: str | list[str] | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
     progress: bool = False,
 ) -> LocalGLM:
     """Load a ChatGLM-6B model directory (or a model id already in the Hugging Face cache).
@@ -76,7 +80,8 @@ def load(
     their free memory. compute_dtype: activation dtype for int8/int4 weights (default: the
     device's fastest; "float32" is the exact reference path). max_context: KV-cache budget
     per conversation (default: the model's max_sequence_length). ptuning: a P-Tuning v2
-    checkpoint directory.
+    checkpoint directory. group_size: int4 group size when quantizing a float checkpoint
+    (0 = one scale per row, the official int4 recipe).
     """
     model_dir = weights.resolve_model_path(path)
     cfg = ModelConfig.from_file(model_dir / "config.json")
@@ -87,13 +92,56 @@ def load(
     with torch.device("meta"):
         model = ChatGLMModel(cfg)
     tensors = weights.iter_checkpoint(model_dir, progress=progress)
+    if placement.bits:
+        stored = stored_quantization(cfg)
+        if stored is None:  # quantize a float checkpoint while it streams in
+            target = (placement.bits, group_size if placement.bits == 4 else 0)
+            tensors = quantize_stream(tensors, *target)
+        else:
+            target = stored
+        quantize.make_quantized_skeleton(model, target[0], target[1],
+                                         "localglm" if target[1] else "official")
     if prefix_tensors:
         tensors = _chain(tensors, prefix_tensors.items())
     weights.load_into(model, tensors, placement.convert, str(model_dir), _ignore)
     model.rotary = RotaryTable(cfg.head_dim // 2, cfg.max_sequence_length).to(
         placement.first)
+    if placement.bits:
+        prepare_kernels(model, placement.dtype)
     return LocalGLM(model, tokenizer, placement.dtype, max_context=max_context,
                     precision=placement.precision, path=str(model_dir))
+
+
+def stored_quantization(cfg: ModelConfig) -> tuple[int, int] | None:
+    """(bits, group_size) of a pre-quantized checkpoint, or None for a float one."""
+    if not cfg.quantization_bit:
+        return None
+    group = cfg.quantization_group_size if cfg.quantization_format == "localglm" else 0
+    return cfg.quantization_bit, group
+
+
+def prepare_kernels(model: ChatGLMModel, dtype: torch.dtype) -> None:
+    """Build the fast kernel layouts now, so the first answer does not pay for it.
+
+    On CPUs without native bf16 matrix units, long prompts run faster through a float32 GEMM
+    on dequantized weights than through the int4/int8 kernels, which are built for decoding.
+    """
+    for m in model.modules():
+        if isinstance(m, quantize.QuantizedLinear):
+            if m.weight.device.type == "cpu" and not _has_native_bf16():
+                m.cpu_dequant_min_rows = CPU_DEQUANT_MIN_ROWS
+            x = torch.zeros(1, m.in_features, dtype=dtype, device=m.weight.device)
+            if m.kernel_fits(x):
+                m.prepare(dtype)
+
+
+def _has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in text or "amx_bf16" in text
 
 
 def _ignore(name: str) -> bool:
@@ -111,6 +159,10 @@ class Placement:
     reason: str = ""
 
     @property
+    def bits(self) -> int:
+        return {"int8": 8, "int4": 4}.get(self.precision, 0)
+
+    @property
     def first(self) -> torch.device:
         return self.layer_devices[0]
 
@@ -120,8 +172,8 @@ class Placement:
         return self.first  # embedding (tied head), final LayerNorm, prefix encoder
 
     def convert(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.dtype if t.is_floating_point() else t.dtype
-        return t.to(device=self.device_of(name), dtype=dtype)
+        keep = not t.is_floating_point() or name.endswith(("weight_scale", "weight_zero"))
+        return t.to(device=self.device_of(name), dtype=t.dtype if keep else self.dtype)
 
 
 def plan_placement(cfg: ModelConfig, precision: str, device, devices, context: int,
@@ -139,13 +191,12 @@ def plan_placement(cfg: ModelConfig, precision: str, device, devices, context: i
         precision, reason = choose_precision(cfg, info, context, cfg.quantization_bit)
         if precision == "float16" and devs[0].type == "cpu":
             precision = "bfloat16"  # CPUs have fast bf16 kernels, not fp16 ones
-    if cfg.quantization_bit and precision not in ("int4", "int8"):
+    if cfg.quantization_bit and precision != f"int{cfg.quantization_bit}":
         raise LocalGLMError(
             f"this checkpoint holds int{cfg.quantization_bit} weights; load it with "
-            f"precision='int{cfg.quantization_bit}' (or 'auto')")
-    if precision in ("int8", "int4"):
-        raise LocalGLMError(f"precision {precision} is not supported by this build")
-    dtype = DTYPES[precision]
+            f"precision='int{cfg.quantization_bit}' (or 'auto'), or convert the float model")
+    quantized = precision in ("int8", "int4")
+    dtype = default_compute_dtype(devs[0]) if quantized else DTYPES[precision]
     if compute_dtype is not None:
         dtype = DTYPES[str(compute_dtype).removeprefix("torch.")]
     if len(devs) > 1:

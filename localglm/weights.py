@@ -228,6 +228,9 @@ def save_model_dir(out_dir: Path, state: dict[str, torch.Tensor], config: dict,
             for name in TOKENIZER_FILES:
                 if (copy_from / name).exists():
                     shutil.copy2(copy_from / name, tmp / name)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)  # mkdtemp makes a private directory
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
