@@ -16,6 +16,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+if int(gr.__version__.split(".")[0]) < 6:  # the Blocks and mount options used below
+    raise ImportError(f"gradio>=6 is needed, this is gradio {gr.__version__}")
+
 from ..errors import LocalGLMError  # noqa: E402
 from .engine import EngineWorker, chat_config  # noqa: E402
 
