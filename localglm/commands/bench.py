@@ -1,0 +1,88 @@
+"""`localglm bench`: load time, prefill and decode speed, peak memory and the bandwidth bound."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..errors import LocalGLMError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", choices=["chatglm-6b"],
+                     help="build a full-size model with random weights directly in the "
+                     "chosen format (no download, never holds fp32 weights)")
+    src.add_argument("--model", metavar="DIR", help="benchmark a real model directory")
+    p.add_argument("--precision", default="int4",
+                   choices=["int4", "int8", "bfloat16", "float16", "float32"],
+                   help="weight format (default: int4)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (default: 32)")
+    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="activation dtype (default: the device's fastest)")
+    p.add_argument("--prompts", default="32,256,1000",
+                   help="prompt lengths to prefill, comma-separated (default: 32,256,1000); "
+                   "decode is timed after the shortest and the longest")
+    p.add_argument("--decode-tokens", type=int, default=16,
+                   help="tokens to time per decode measurement (default: 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import bench
+    from ..loader import DTYPES, default_compute_dtype, load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        prompts = sorted(int(n) for n in args.prompts.split(","))
+    except ValueError:
+        raise LocalGLMError(
+            f"--prompts must be comma-separated integers, not {args.prompts!r}") from None
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    t = time.perf_counter()
+    if args.synthetic:
+        name = f"synthetic {args.synthetic}"
+        dtype = (DTYPES[args.compute_dtype] if args.compute_dtype else
+                 DTYPES.get(args.precision) or default_compute_dtype(torch.device("cpu")))
+        log(f"building {name} in {args.precision} with random weights...")
+        model = bench.synthetic_model(bench.CHATGLM_6B, args.precision, dtype, args.group_size)
+    else:
+        name = args.model
+        model = load(args.model, precision=args.precision, device="cpu",
+                     compute_dtype=args.compute_dtype, group_size=args.group_size)
+        dtype = model.dtype
+    load_s = time.perf_counter() - t
+    res = bench.run(model, name, args.precision, dtype, load_s, prompts, args.decode_tokens,
+                    log=log)
+    if args.json:
+        out = dict(vars(res))
+        out["roofline_fraction"] = res.roofline_fraction
+        print(json.dumps(out, indent=2))
+    else:
+        print_table(res)
+    return 0
+
+
+def print_table(r) -> None:
+    print(f"\n{r.model}: {r.precision} weights, {r.compute_dtype} activations, "
+          f"{r.threads} threads")
+    rows = [("load", f"{r.load_s:.1f} s"),
+            ("weights read per token", f"{r.weight_bytes / 2**30:.2f} GiB")]
+    rows += [(f"prefill {n} tokens", f"{v:.1f} tokens/s")
+             for n, v in r.prefill_tokens_per_s.items()]
+    rows += [("decode, short prompt", f"{r.decode_ms_per_token:.0f} ms/token"),
+             (f"decode, after {r.long_context} tokens",
+              f"{r.decode_ms_per_token_long:.0f} ms/token"),
+             ("memory read bandwidth", f"{r.bandwidth_gbs:.1f} GB/s"),
+             ("roofline (weights / bandwidth)", f"{r.roofline_ms_per_token:.0f} ms/token"),
+             ("decode vs roofline", f"{100 * r.roofline_fraction:.0f} %"),
+             ("peak RSS", f"{r.peak_rss_mb:.0f} MB")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
