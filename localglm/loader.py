@@ -69,6 +69,7 @@ def load(
     ptuning: str | os.PathLike | None = None,
     devices: str | list[str] | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
+    adapter: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> LocalGLM:
     """Load a ChatGLM-6B model directory (or a model id already in the Hugging Face cache).
@@ -81,7 +82,8 @@ def load(
     device's fastest; "float32" is the exact reference path). max_context: KV-cache budget
     per conversation (default: the model's max_sequence_length). ptuning: a P-Tuning v2
     checkpoint directory. group_size: int4 group size when quantizing a float checkpoint
-    (0 = one scale per row, the official int4 recipe).
+    (0 = one scale per row, the official int4 recipe). adapter: a LoRA adapter directory
+    (PEFT format) applied on top of the weights.
     """
     model_dir = weights.resolve_model_path(path)
     cfg = ModelConfig.from_file(model_dir / "config.json")
@@ -106,6 +108,10 @@ def load(
     weights.load_into(model, tensors, placement.convert, str(model_dir), _ignore)
     model.rotary = RotaryTable(cfg.head_dim // 2, cfg.max_sequence_length).to(
         placement.first)
+    if adapter is not None:
+        from .finetune.lora import load_adapter
+
+        load_adapter(model, adapter)
     if placement.bits:
         prepare_kernels(model, placement.dtype)
     return LocalGLM(model, tokenizer, placement.dtype, max_context=max_context,

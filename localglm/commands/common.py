@@ -29,6 +29,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "older rounds are dropped to fit")
     p.add_argument("--ptuning", default=None, metavar="DIR",
                    help="P-Tuning v2 checkpoint directory to apply")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapter directory (PEFT format) to apply")
+    p.add_argument("--devices", default=None,
+                   help="split the layers over several devices, e.g. cuda:0,cuda:1")
 
 
 def add_generation_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -56,5 +60,6 @@ def load_from_args(args: argparse.Namespace, **extra):
 
     model = load(args.model, precision=args.precision, device=args.device,
                  compute_dtype=args.compute_dtype, max_context=args.max_context,
-                 ptuning=args.ptuning, progress=sys.stderr.isatty(), **extra)
+                 ptuning=args.ptuning, adapter=args.adapter, devices=args.devices,
+                 progress=sys.stderr.isatty(), **extra)
     return model
