@@ -75,8 +75,10 @@ def choose_precision(cfg: ModelConfig, device: Device, context: int,
     """(precision, reason): the most precise that fits ``device`` with headroom.
 
     A pre-quantized checkpoint cannot be made more precise, so only it or lower is considered.
+    The 16-bit float format is bfloat16 on CPUs (their fast 16-bit type), float16 elsewhere.
     """
-    order = list(AUTO_ORDER)
+    half = "bfloat16" if device.name == "cpu" else "float16"
+    order = [half if p == "float16" else p for p in AUTO_ORDER]
     if checkpoint_bits == 8:
         order = ["int8", "int4"]
     elif checkpoint_bits == 4:

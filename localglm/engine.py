@@ -55,17 +55,26 @@ class LocalGLM:
     """A loaded ChatGLM-6B with its tokenizer, ready to generate and chat."""
 
     def __init__(self, model: ChatGLMModel, tokenizer: ChatGLMTokenizer, dtype: torch.dtype,
-                 max_context: int | None = None, precision: str = "", path: str = ""):
+                 max_context: int | None = None, precision: str = "", path: str = "",
+                 choice: str = ""):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
         self.dtype = dtype  # compute dtype of activations and the KV cache
         self.precision = precision
         self.path = path
+        self.choice = choice  # why this precision was picked (precision="auto")
         self.max_context = max_context or self.config.max_sequence_length
         self.device = self.model.transformer.word_embeddings.weight.device
         self._lock = threading.RLock()  # one generation at a time owns the cache
         self._cache: KVCache | None = None
+
+    def describe(self) -> str:
+        """One line for start-up: what runs where, and why."""
+        line = f"{self.path}: {self.precision} weights on {self.device}"
+        if self.precision in ("int8", "int4"):
+            line += f", {str(self.dtype).removeprefix('torch.')} activations"
+        return line + (f" ({self.choice})" if self.choice else "")
 
     # -- low level -------------------------------------------------------------------------
     def cache(self, batch_size: int = 1) -> KVCache:

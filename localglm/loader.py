@@ -115,7 +115,8 @@ def load(
     if placement.bits:
         prepare_kernels(model, placement.dtype)
     return LocalGLM(model, tokenizer, placement.dtype, max_context=max_context,
-                    precision=placement.precision, path=str(model_dir))
+                    precision=placement.precision, path=str(model_dir),
+                    choice=placement.reason)
 
 
 def stored_quantization(cfg: ModelConfig) -> tuple[int, int] | None:
@@ -195,8 +196,6 @@ def plan_placement(cfg: ModelConfig, precision: str, device, devices, context: i
         key = str(devs[0]) if devs[0].index is not None or devs[0].type != "cuda" else "cuda:0"
         info = free.get(key) or free["cpu"]
         precision, reason = choose_precision(cfg, info, context, cfg.quantization_bit)
-        if precision == "float16" and devs[0].type == "cpu":
-            precision = "bfloat16"  # CPUs have fast bf16 kernels, not fp16 ones
     if cfg.quantization_bit and precision != f"int{cfg.quantization_bit}":
         raise LocalGLMError(
             f"this checkpoint holds int{cfg.quantization_bit} weights; load it with "

@@ -7,7 +7,7 @@ def test_doctor_reports_machine_and_choice(capsys, tiny_dir):
     assert "torch" in out and "device cpu:" in out
     for p in ("float32", "float16", "int8", "int4"):
         assert p in out
-    assert "localglm picks: float16 on cpu" in out
+    assert "localglm picks: bfloat16 on cpu" in out
 
 
 def test_doctor_for_real_shapes_without_a_model(capsys):

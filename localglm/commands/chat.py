@@ -112,8 +112,7 @@ def _reader():
 
 def interactive(model, history, gen) -> int:
     read = _reader()
-    print(f"localglm: {model.path} ({model.precision} on {model.device}). "
-          "Type /help for commands.")
+    print(f"localglm: {model.describe()}. Type /help for commands.")
     while True:
         try:
             line = read("\n用户: ").strip()

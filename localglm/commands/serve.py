@@ -75,8 +75,9 @@ def _banner(args: argparse.Namespace, worker, app) -> None:
     host = f"[{args.host}]" if ":" in args.host else args.host
     base = f"http://{host}:{args.port}"
     lines = [
-        f"localglm: {worker.model_name} ({worker.model.precision} on {worker.model.device}), "
-        f"context {worker.max_context} tokens, queue {args.queue_size}",
+        f"localglm: {worker.model.describe()}",
+        f"  model '{worker.model_name}', context {worker.max_context} tokens, "
+        f"queue {args.queue_size}",
         f"  OpenAI API   {base}/v1   (model '{worker.model_name}')",
         f"  api.py       POST {base}/",
     ]
