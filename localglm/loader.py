@@ -23,7 +23,6 @@ DTYPES = {
 }
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32  # int4 groups when quantizing a float checkpoint
-CPU_DEQUANT_MIN_ROWS = 16  # prompts at least this long use dequantize + fp32 GEMM on AVX2 CPUs
 
 
 def canonical_precision(p: str) -> str:
@@ -128,27 +127,12 @@ def stored_quantization(cfg: ModelConfig) -> tuple[int, int] | None:
 
 
 def prepare_kernels(model: ChatGLMModel, dtype: torch.dtype) -> None:
-    """Build the fast kernel layouts now, so the first answer does not pay for it.
-
-    On CPUs without native bf16 matrix units, long prompts run faster through a float32 GEMM
-    on dequantized weights than through the int4/int8 kernels, which are built for decoding.
-    """
+    """Build the fast kernel layouts now, so the first answer does not pay for it."""
     for m in model.modules():
         if isinstance(m, quantize.QuantizedLinear):
-            if m.weight.device.type == "cpu" and not _has_native_bf16():
-                m.cpu_dequant_min_rows = CPU_DEQUANT_MIN_ROWS
             x = torch.zeros(1, m.in_features, dtype=dtype, device=m.weight.device)
             if m.kernel_fits(x):
                 m.prepare(dtype)
-
-
-def _has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in text or "amx_bf16" in text
 
 
 def _ignore(name: str) -> bool:

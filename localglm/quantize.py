@@ -31,9 +31,14 @@ Kernel facts measured on torch 2.13.0+cpu (AVX2, AMD EPYC), see benchmarks/bench
   bf16 x it reads out of bounds (segfault or garbage) unless K % 8 == 0 on AVX2, so we require
   K % 32 == 0 for the reduced-precision dtypes.
 * Both kernels accept float32/float16/bfloat16 activations and are exact, but only bf16 is
-  vectorized here: fp32 and fp16 run 5-40x slower than dequantize + dense GEMM. So `forward`
-  uses them for bf16 only (`QuantizedLinear.cpu_kernel_dtypes`), everything else takes the
-  dequantize + ``F.linear`` reference path.
+  vectorized here: the fp32/fp16 kernels are scalar and beat dequantize + fp32 GEMM only for
+  1-2 rows. `forward` therefore uses the kernel for bf16 up to 256 rows and for fp32/fp16 at
+  decode sizes (`QuantizedLinear.cpu_dequant_min_rows`, `QuantizedLinear.cpu_kernel_max_rows`);
+  everything else takes `forward_reference`, which on CPU dequantizes to float32 and runs an
+  fp32 GEMM (4-6x faster than bf16 GEMM on CPUs without bf16 units, and exact).
+* On CUDA only the int4 kernel (``_weight_int4pack_mm``, bf16) is used; PyTorch's CUDA int8
+  kernel is a naive fp32 loop, slower than dequantize + cuBLAS. (No GPU was available when this
+  was written: that path is untested.)
 """
 
 from __future__ import annotations
@@ -75,8 +80,9 @@ QUANTIZED_LINEAR_NAMES = (
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 FORMATS = ("official", "localglm")
 # Group size used to run per-row (official) int4 weights through the group-wise kernel: every
-# group gets the row's scale, so any size is lossless; 32 measured fastest for decode.
-OFFICIAL_INT4_KERNEL_GROUP = 32
+# group gets the row's scale, so any size is lossless. Kernel speed did not depend on the group
+# size beyond noise (32/64/128); 128 keeps the derived scale table 4x smaller than 32.
+OFFICIAL_INT4_KERNEL_GROUP = 128
 _LOCAL_SCALE_DTYPE = torch.bfloat16  # localglm int4 scales/zeros: what the bf16 kernel consumes
 # CUDA code path (untested here: no GPU when this was written); only taken if the build has it.
 _HAS_CUDA_INT4 = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -154,7 +160,10 @@ def dequantize_int8(
     q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Reference int8 dequantization: ``float32(q) * float32(scale)[:, None]``, cast to dtype."""
-    w = q.float() * scale.float()[:, None]  # [out, in]
+    # copy_ + in-place mul: 4-7x faster on CPU than `q.float() * s`, whose mixed-dtype multiply
+    # and extra temporary dominate the fallback path (same single fp32 rounding per element).
+    w = torch.empty(q.shape, dtype=torch.float32, device=q.device).copy_(q)  # [out, in]
+    w.mul_(scale.float()[:, None])
     return w.to(dtype)
 
 
@@ -183,7 +192,15 @@ def dequantize_int4_official(
     packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Reference official int4 dequantization: ``float32(unpack(packed)) * float32(scale)``."""
-    return dequantize_int8(unpack_int4_official(packed), scale, dtype)
+    if packed.dtype != torch.int8:
+        raise ValueError(f"official int4 weights are int8, got {packed.dtype}")
+    out_f, half = packed.shape
+    # Same nibbles as unpack_int4_official, written straight into the float result.
+    w = torch.empty(out_f, 2 * half, dtype=torch.float32, device=packed.device)  # [out, in]
+    w[:, 0::2] = packed >> 4
+    w[:, 1::2] = (packed << 4) >> 4
+    w.mul_(scale.float()[:, None])
+    return w.to(dtype)
 
 
 def quantize_int4_grouped(
@@ -246,10 +263,18 @@ def dequantize_int4_grouped(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Reference localglm int4 dequantization: ``(q - 8) * scale + zero`` in float32."""
-    q = unpack_int4_grouped(packed, in_features).float()  # [out, in]
-    s = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]  # [out, in]
-    z = zeros.float().repeat_interleave(group_size, dim=1)[:, :in_features]  # [out, in]
-    return ((q - 8) * s + z).to(dtype)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"localglm int4 weights are uint8, got {packed.dtype}")
+    out_f, half = packed.shape
+    n_groups = scales.shape[1]
+    width = max(2 * half, n_groups * group_size)  # room for the padded last group / nibble
+    w = torch.empty(out_f, width, dtype=torch.float32, device=packed.device)  # [out, width]
+    w[:, 0 : 2 * half : 2] = packed >> 4
+    w[:, 1 : 2 * half : 2] = packed & 0x0F
+    wg = w[:, : n_groups * group_size].view(out_f, n_groups, group_size)  # [out, G, g]
+    # In place, one op at a time: the same fp32 roundings as (q - 8) * s + z.
+    wg.sub_(8).mul_(scales.float()[..., None]).add_(zeros.float()[..., None])
+    return w[:, :in_features].to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,13 +393,19 @@ class QuantizedLinear(nn.Module):
     scales); the bias follows the model dtype like any parameter.
     """
 
-    # Activation dtypes for which forward() uses the native CPU kernels. The kernels are exact
-    # for float32/float16 too, but only bf16 is vectorized in torch 2.13 (see module docstring).
-    cpu_kernel_dtypes: frozenset[torch.dtype] = frozenset({torch.bfloat16})
-    # If set, CPU calls with at least this many rows (tokens) skip the kernel and run
-    # dequantize-to-float32 + fp32 GEMM instead (faster for long prefills on AVX2 machines, where
-    # bf16 GEMM is slow). None = always use the kernel when one fits.
-    cpu_dequant_min_rows: int | None = None
+    # CPU calls with at least this many rows (tokens) skip the kernels and run
+    # forward_reference (dequantize to fp32 + fp32 GEMM); None = no limit. Measured on AVX2,
+    # torch 2.13, 2 threads (benchmarks/bench_linear.py): the bf16 kernels are 3-5x faster at
+    # 32 rows, even at 256, and the fp32 path is 1.5x faster at 1000 rows.
+    cpu_dequant_min_rows: int | None = 257
+    # Largest row count for which the CPU kernel is used, per activation dtype (None = any;
+    # dtype absent = never). The fp32/fp16 kernels are exact but scalar here and beat the
+    # reference only for 1-2 rows (decode).
+    cpu_kernel_max_rows: dict[torch.dtype, int | None] = {
+        torch.bfloat16: None,
+        torch.float32: 2,
+        torch.float16: 2,
+    }
 
     def __init__(
         self,
@@ -509,9 +540,16 @@ class QuantizedLinear(nn.Module):
         )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Dequantize to x's dtype, then F.linear (differentiable w.r.t. x)."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        """Dequantize, then F.linear (differentiable w.r.t. x).
+
+        On CPU, bf16/fp16 inputs are computed in float32 (the result is cast back): fp32 GEMM
+        is both exact and, without native bf16 units, 4-6x faster than bf16 GEMM. Otherwise
+        (fp32/fp64 inputs, other devices) the weight is dequantized to x's dtype.
+        """
+        half = x.dtype in (torch.bfloat16, torch.float16)
+        compute = torch.float32 if half and x.device.type == "cpu" else x.dtype
+        bias = None if self.bias is None else self.bias.to(compute)
+        return F.linear(x.to(compute), self.dequantize(compute), bias).to(x.dtype)
 
     # -- fast path ------------------------------------------------------------------------
 
@@ -591,17 +629,31 @@ class QuantizedLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Native kernel when one fits (device, dtype, shape, no autograd), else reference."""
-        needs_grad = torch.is_grad_enabled() and x.requires_grad  # kernels have no backward
-        fast = x.dtype in self.cpu_kernel_dtypes if x.device.type == "cpu" else True
-        if not needs_grad and fast and self.kernel_fits(x):
-            rows = x.numel() // self.in_features
-            lim = self.cpu_dequant_min_rows
-            if x.device.type == "cpu" and lim is not None and rows >= lim:
-                bias = None if self.bias is None else self.bias.float()
-                return F.linear(x.float(), self.dequantize(torch.float32), bias).to(x.dtype)
-            return self.forward_kernel(x)
-        return self.forward_reference(x)
+        """Native kernel when one fits (device, dtype, shape, row count), else
+        `forward_reference`. Differentiable w.r.t. x (and a trainable bias) without keeping a
+        dequantized weight alive for backward."""
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        ):
+            return _QuantizedLinearFn.apply(x, self.bias, self)
+        return self._forward_no_grad(x)
+
+    def use_kernel(self, x: torch.Tensor) -> bool:
+        """Whether forward() takes the native kernel for this input (policy above)."""
+        if not self.kernel_fits(x):
+            return False
+        if x.device.type != "cpu":
+            return True
+        rows = x.numel() // self.in_features
+        if self.cpu_dequant_min_rows is not None and rows >= self.cpu_dequant_min_rows:
+            return False
+        if x.dtype not in self.cpu_kernel_max_rows:
+            return False
+        limit = self.cpu_kernel_max_rows[x.dtype]
+        return limit is None or rows <= limit
+
+    def _forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_kernel(x) if self.use_kernel(x) else self.forward_reference(x)
 
     # -- housekeeping ---------------------------------------------------------------------
 
@@ -637,6 +689,30 @@ class QuantizedLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+class _QuantizedLinearFn(torch.autograd.Function):
+    """y = layer(x) with a backward that dequantizes the weight again instead of saving it:
+    autograd would otherwise keep one float copy of every quantized weight until backward
+    (LoRA training over a quantized model)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):  # grad mode is off in here: kernels are allowed
+        ctx.layer = layer
+        return layer._forward_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.layer
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            half = grad.dtype in (torch.bfloat16, torch.float16)
+            compute = torch.float32 if half and grad.device.type == "cpu" else grad.dtype
+            w = layer.dequantize(compute)  # [out, in]
+            grad_x = (grad.to(compute) @ w).to(grad.dtype)  # [..., in]
+        if ctx.needs_input_grad[1]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(layer.bias.dtype)  # [out]
+        return grad_x, grad_b, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -318,19 +318,54 @@ def test_invalid_group_sizes_raise():
     assert INT4_GROUP_SIZES == (32, 64, 128, 256)
 
 
-def test_autograd_uses_reference_path():
-    lin, m = _layer(16, 64, 4, 32)
-    x = torch.randn(2, 64, dtype=torch.bfloat16, requires_grad=True)
-    m(x).float().sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
+def test_float64_reference_keeps_precision():
+    lin, m = _layer(16, 64, 8, 0)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    y = m(x)
+    assert y.dtype == torch.float64
+    ref = x @ m.dequantize(torch.float64).T + lin.bias.detach().double()
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_cpu_dequant_min_rows(monkeypatch):
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 32)])
+def test_autograd_matches_reference(bits, group):
+    lin, m = _layer(16, 64, bits, group)
+    m.bias.requires_grad_(True)  # e.g. bias tuning
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    weights = torch.arange(16.0)
+    (m(x) * weights).sum().backward()
+    w = m.dequantize()
+    b = m.bias.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    (nn.functional.linear(xr, w, b) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.bias.grad, b.grad)
+    # bf16 input: kernel forward, backward through the fp32 dequantized weight.
+    m.bias.requires_grad_(False)
+    xb = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    m(xb).float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(xb.grad, w.sum(0).expand(4, 64).bfloat16())
+
+
+def test_cpu_kernel_row_limits(monkeypatch):
     _, m = _layer(32, 64, 8, 0)
-    x = torch.randn(10, 64).bfloat16()
-    monkeypatch.setattr(QuantizedLinear, "cpu_dequant_min_rows", 8)
-    ref = (x.float() @ m.dequantize().T + m.bias.float()).bfloat16()
-    assert torch.equal(m(x), ref)
+    calls = []
+    monkeypatch.setattr(m, "forward_kernel", lambda x: calls.append(x.shape) or x[..., :32])
+    m(torch.randn(10, 64).bfloat16())  # bf16: kernel up to 256 rows
+    m(torch.randn(2, 64))  # fp32: kernel only for decode-sized calls
+    assert calls == [(10, 64), (2, 64)]
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(m(x), x @ m.dequantize().T + m.bias, rtol=0, atol=1e-5)
+    # Long bf16 prefills go to the fp32 dequantize + GEMM path.
+    x = torch.randn(257, 64).bfloat16()
+    assert torch.equal(m(x), (x.float() @ m.dequantize().T + m.bias.float()).bfloat16())
+    m.cpu_dequant_min_rows = 8  # per-instance override (the loader sets one)
+    x = torch.randn(8, 64).bfloat16()
+    assert torch.equal(m(x), (x.float() @ m.dequantize().T + m.bias.float()).bfloat16())
+    m.cpu_dequant_min_rows = None
+    m(torch.randn(1000, 64).bfloat16())
+    assert calls == [(10, 64), (2, 64), (1000, 64)]
 
 
 def test_cast_keeps_scales_and_drops_kernel_cache():
