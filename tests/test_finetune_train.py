@@ -158,3 +158,17 @@ def test_finetune_command(tiny_dir, data_file, tmp_path, capsys):
     assert cli_main(argv) == 1  # refuses to overwrite a finished run
     assert "not empty" in capsys.readouterr().err
     assert cli_main(argv[:-2] + ["--max-steps", "6", "--resume", str(out / "checkpoint-2")]) == 0
+
+
+def test_quantized_cpu_training_defaults_to_float32_activations():
+    from localglm.cli import build_parser
+    from localglm.commands.finetune import training_compute_dtype
+
+    def pick(*flags):
+        args = build_parser().parse_args(["finetune", "M", "--data", "d", "-o", "o", *flags])
+        return training_compute_dtype(args)
+
+    assert pick("--precision", "int4", "--device", "cpu") == "float32"
+    assert pick("--precision", "int4", "--device", "cpu", "--compute-dtype", "bfloat16") \
+        == "bfloat16"
+    assert pick("--precision", "bfloat16", "--device", "cpu") is None
