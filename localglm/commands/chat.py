@@ -76,8 +76,12 @@ def stable_part(response: str) -> str:
     return response[:end]
 
 
-def answer(model, query: str, history, gen: dict, out=sys.stdout):
-    """Stream one answer to ``out``; returns the new history (partial answer on Ctrl-C)."""
+def answer(model, query: str, history, gen: dict, out=None):
+    """Stream one answer to ``out`` (default: stdout); returns the new history.
+
+    Ctrl-C stops the answer; the partial answer is kept in the history.
+    """
+    out = out or sys.stdout  # looked up per call: stdout may be replaced (tests, redirection)
     printed = ""
     step = None
     try:
