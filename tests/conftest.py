@@ -8,6 +8,17 @@ TINY = DATA / "chatglm-6b-tiny"
 GOLDEN = TINY / "golden"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test models are tiny: one thread avoids oversubscribing small shared machines."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def cases():
     return json.loads((GOLDEN / "cases.json").read_text(encoding="utf-8"))

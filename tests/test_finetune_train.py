@@ -20,14 +20,6 @@ FAST = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "batch_size": 4, "lr
         "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: one thread avoids oversubscription on small shared machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def data_file(tmp_path):

@@ -17,14 +17,6 @@ IDS = [5, 477, 664, 98, 402, 409, 26, 2001, 2004, 995, 82]  # prompt, [gMASK] <s
 MERGE_TOL = 1e-3  # float32: (W + s*B@A)@x rounds differently from W@x + s*B@(A@x); logits ~70
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: one thread avoids oversubscription on small shared machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def fresh(tiny_dir):
     """Our own float32 copy (the session fixture `tiny` must stay untouched)."""

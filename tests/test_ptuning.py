@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,14 +14,6 @@ from localglm.finetune.train import TrainConfig, train
 OFFICIAL = Path(__file__).parent / "data" / "chatglm-6b-tiny-ptuning"
 KEY = "transformer.prefix_encoder.embedding.weight"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: one thread avoids oversubscription on small shared machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_official_ptuning_checkpoint_matches_golden(tiny_dir, cases, golden_logits):
