@@ -20,6 +20,11 @@ AUTO_ORDER = ("float16", "int8", "int4")
 HEADROOM = 0.9  # plan to use at most this fraction of free memory (activations, fragmentation)
 
 
+def fmt_bytes(n: float) -> str:
+    """Human-readable size: GiB for model-sized numbers, MiB for small ones."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 10 else f"{n / 2**20:.1f} MiB"
+
+
 @dataclass
 class Device:
     name: str  # "cpu", "cuda:0", "mps"
@@ -87,12 +92,12 @@ def choose_precision(cfg: ModelConfig, device: Device, context: int,
     for p in order:
         need = needed_bytes(cfg, p, context)
         if need <= budget:
-            return p, (f"{p} needs {need / GiB:.2f} GiB (weights + KV cache for {context} "
-                       f"tokens); {device.name} has {device.free_bytes / GiB:.1f} GiB free")
+            return p, (f"{p} needs {fmt_bytes(need)} (weights + KV cache for {context} "
+                       f"tokens); {device.name} has {fmt_bytes(device.free_bytes)} free")
     p = order[-1]
     need = needed_bytes(cfg, p, context)
-    return p, (f"even {p} needs {need / GiB:.1f} GiB and {device.name} has only "
-               f"{device.free_bytes / GiB:.1f} GiB free: expect swapping, or use a smaller "
+    return p, (f"even {p} needs {fmt_bytes(need)} and {device.name} has only "
+               f"{fmt_bytes(device.free_bytes)} free: expect swapping, or use a smaller "
                "--max-context")
 
 

@@ -5,14 +5,22 @@ from __future__ import annotations
 import argparse
 import platform
 
-from ..devices import GiB, available_devices, choose_precision, needed_bytes, plan_split
+from ..devices import (
+    GiB,
+    available_devices,
+    choose_precision,
+    fmt_bytes,
+    needed_bytes,
+    plan_split,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="model directory (default: estimate for the real ChatGLM-6B shapes)")
-    p.add_argument("--max-context", type=int, default=2048,
-                   help="tokens of KV cache to plan for (default: 2048)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens of KV cache to plan for (default: the model's maximum, 2048 "
+                   "for ChatGLM-6B)")
     p.add_argument("--devices", default=None,
                    help="comma-separated devices to split the layers over, e.g. cuda:0,cuda:1")
 
@@ -39,10 +47,6 @@ def cpu_features() -> str:
     return f"{cap} ({', '.join(have) or 'flags unknown'})"
 
 
-def _size(n: int) -> str:
-    return f"{n / GiB:7.2f} GiB" if n >= GiB // 10 else f"{n / 2**20:7.1f} MiB"
-
-
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -57,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
         cfg = ModelConfig.from_file(path / "config.json")
         checkpoint_bits = cfg.quantization_bit
         source = str(path)
+    if args.max_context is None:
+        args.max_context = cfg.max_sequence_length
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"cpu: {platform.processor() or platform.machine()}, kernels: {cpu_features()}")
@@ -65,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"device {d.name}: {d.free_bytes / GiB:.1f} GiB free of {d.total_bytes / GiB:.1f}")
     print(f"\nmemory for {source}, {args.max_context}-token context:")
     for p in ("float32", "float16", "int8", "int4"):
-        print(f"  {p:8s} {_size(needed_bytes(cfg, p, args.max_context))}")
+        print(f"  {p:8s} {fmt_bytes(needed_bytes(cfg, p, args.max_context)):>11s}")
     best = devices[0]
     precision, why = choose_precision(cfg, best, args.max_context, checkpoint_bits)
     print(f"\nlocalglm picks: {precision} on {best.name}: {why}")
