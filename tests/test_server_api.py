@@ -451,3 +451,16 @@ def test_a_failing_generation_is_an_error_and_the_server_keeps_serving(tiny):
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
                        timeout=30)
         assert r.status_code == 200
+
+
+def test_dropped_rounds_are_reported_in_a_header(server):
+    history = [{"role": r, "content": "很长的一段话" * 12}
+               for _ in range(6) for r in ("user", "assistant")]
+    body = {"messages": history + [{"role": "user", "content": "你好"}], "temperature": 0,
+            "max_tokens": 4}
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert int(r.headers["X-LocalGLM-Dropped-Rounds"]) > 0
+    r = httpx.post(f"{server}/", json={"prompt": "你好", "history": []}, timeout=60)
+    assert r.headers["X-LocalGLM-Dropped-Rounds"] == "0"
+    assert set(r.json()) == {"response", "history", "status", "time"}

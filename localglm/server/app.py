@@ -43,6 +43,7 @@ COMPLETION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # OpenAI's
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 WEBUI_PATH = "/chat"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DROPPED_HEADER = "X-LocalGLM-Dropped-Rounds"  # old rounds left out to fit the context
 
 
 @dataclass
@@ -270,18 +271,22 @@ def _add_chat_routes(app: FastAPI, settings: Settings, auth) -> None:
         gen = chat_config(max_tokens, body.temperature, body.top_p, max_length=worker.max_context,
                           stop=body.stop_list(), seed=body.seed, top_k=body.top_k,
                           repetition_penalty=body.repetition_penalty)
-        await run_in_threadpool(worker.check_chat, query, history, gen)
+        fitted = await run_in_threadpool(worker.check_chat, query, history, gen)
+        # Old rounds left out to fit the context are reported in a header.
+        dropped = {DROPPED_HEADER: str(fitted.dropped)}
         job = worker.chat(query, history, gen)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_chat_events(job, worker.model_name, usage),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+                                     media_type="text/event-stream",
+                                     headers={**SSE_HEADERS, **dropped})
         step = await _collect(job, request)
-        return p.ChatCompletion(
+        reply = p.ChatCompletion(
             id=p.new_id("chatcmpl"), created=p.now(), model=worker.model_name,
             choices=[p.ChatChoice(message=p.ChatResponseMessage(content=step.response),
                                   finish_reason=step.finish_reason)],
             usage=_usage(step.stats))
+        return JSONResponse(reply.model_dump(), headers=dropped)
 
 
 async def _chat_events(job, model_name: str, include_usage: bool) -> AsyncIterator[str]:
@@ -451,10 +456,11 @@ def _add_apipy_route(app: FastAPI, settings: Settings, auth) -> None:
                           body.temperature, body.top_p or d["top_p"],
                           max_length=body.max_length or d["max_length"])
         history = [tuple(h) for h in body.history or []]
-        await run_in_threadpool(worker.check_chat, body.prompt, history, gen)
+        fitted = await run_in_threadpool(worker.check_chat, body.prompt, history, gen)
         step = await _collect(worker.chat(body.prompt, history, gen), request)
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        return p.ApiPyResponse(response=step.response, history=step.history, time=stamp)
+        reply = p.ApiPyResponse(response=step.response, history=step.history, time=stamp)
+        return JSONResponse(reply.model_dump(), headers={DROPPED_HEADER: str(fitted.dropped)})
 
 
 def _add_root_route(app: FastAPI) -> None:
