@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from . import quantize, weights
 from .config import ModelConfig
 from .engine import LocalGLM
 from .generate import Batch, decode_one_token, new_cache, prefill
@@ -91,8 +92,6 @@ def synthetic_model(cfg: ModelConfig, precision: str, dtype: torch.dtype,
     Quantized formats are filled directly with random integers and scales, so no full-size
     float copy of the block weights ever exists.
     """
-    from . import quantize
-
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = ChatGLMModel(cfg)
@@ -105,7 +104,7 @@ def synthetic_model(cfg: ModelConfig, precision: str, dtype: torch.dtype,
         if name.startswith("rotary."):
             continue
         value = _random_like(t, name, dtype, g)
-        _set(model, name, value)
+        weights.assign(model, name, value)
     model.rotary = RotaryTable(cfg.head_dim // 2, cfg.max_sequence_length)
     prepare_kernels(model, dtype)
     return model.eval()
@@ -115,20 +114,11 @@ def _random_like(t: torch.Tensor, name: str, dtype, g) -> torch.Tensor:
     if t.dtype in (torch.int8, torch.uint8):
         lo, hi = (-127, 128) if t.dtype == torch.int8 else (0, 256)
         return torch.randint(lo, hi, t.shape, dtype=t.dtype, generator=g)
-    if name.endswith(("weight_scale", "weight_zero")):  # keeps its stored dtype
+    if name.endswith(quantize.SCALE_SUFFIXES):  # keeps its stored dtype
         return torch.empty(t.shape, dtype=t.dtype).normal_(0, 1e-3, generator=g)
     if name.endswith("layernorm.weight"):
         return torch.ones(t.shape, dtype=dtype)
     return torch.empty(t.shape, dtype=dtype).normal_(0, 0.02, generator=g)
-
-
-def _set(model, name: str, value: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    owner = model.get_submodule(".".join(path))
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    else:
-        owner._buffers[leaf] = value
 
 
 def _prompt(cfg: ModelConfig, n: int) -> list[int]:

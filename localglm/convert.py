@@ -40,7 +40,7 @@ def quantize_stream(tensors: Tensors, bits: int, group_size: int) -> Tensors:
 def cast_floats(tensors: Tensors, dtype: torch.dtype) -> Tensors:
     """Cast float tensors (not quantization scales) to ``dtype``."""
     for name, t in tensors:
-        if t.is_floating_point() and not name.endswith(("weight_scale", "weight_zero")):
+        if t.is_floating_point() and not name.endswith(quantize.SCALE_SUFFIXES):
             t = t.to(dtype)
         yield name, t
 

@@ -163,7 +163,7 @@ class Placement:
         return self.first  # embedding (tied head), final LayerNorm, prefix encoder
 
     def convert(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        keep = not t.is_floating_point() or name.endswith(("weight_scale", "weight_zero"))
+        keep = not t.is_floating_point() or name.endswith(quantize.SCALE_SUFFIXES)
         return t.to(device=self.device_of(name), dtype=t.dtype if keep else self.dtype)
 
 

@@ -79,6 +79,8 @@ QUANTIZED_LINEAR_NAMES = (
 # Group sizes PyTorch's int4 kernels accept (CPU and CUDA).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 FORMATS = ("official", "localglm")
+# Buffers that keep their stored dtype whatever the compute dtype (casting would round them).
+SCALE_SUFFIXES = ("weight_scale", "weight_zero")
 # Group size used to run per-row (official) int4 weights through the group-wise kernel: every
 # group gets the row's scale, so any size is lossless. Kernel speed did not depend on the group
 # size beyond noise (32/64/128); 128 keeps the derived scale table 4x smaller than 32.

@@ -152,9 +152,7 @@ def load_into(
     ``convert(name, tensor)`` turns each checkpoint tensor into its final dtype/device/format.
     Every missing, unexpected or wrong-shaped tensor is collected and reported in one error.
     """
-    expected = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    persistent = set(module.state_dict(keep_vars=True).keys())
-    expected = {k: v for k, v in expected.items() if k in persistent}
+    expected = module.state_dict(keep_vars=True)  # persistent parameters and buffers
     seen, unexpected, bad_shape = set(), [], []
     for name, t in tensors:
         if name not in expected:
@@ -164,7 +162,7 @@ def load_into(
         if tuple(t.shape) != tuple(expected[name].shape):
             bad_shape.append(f"{name}: file {tuple(t.shape)}, model {tuple(expected[name].shape)}")
             continue
-        _assign(module, name, convert(name, t))
+        assign(module, name, convert(name, t))
         seen.add(name)
     missing = sorted(set(expected) - seen)
     problems = []
@@ -186,7 +184,8 @@ def _short(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + more
 
 
-def _assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+def assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer ``name`` of ``module`` (e.g. on the meta device)."""
     *path, leaf = name.split(".")
     owner = module.get_submodule(".".join(path)) if path else module
     if leaf in owner._parameters:
