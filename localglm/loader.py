@@ -14,6 +14,7 @@ from .convert import quantize_stream
 from .engine import LocalGLM
 from .errors import LocalGLMError, ModelFormatError
 from .model import ChatGLMModel, RotaryTable
+from .quantize import cpu_kernels
 from .tokenizer import ChatGLMTokenizer
 
 DTYPES = {
@@ -127,12 +128,15 @@ def stored_quantization(cfg: ModelConfig) -> tuple[int, int] | None:
 
 
 def prepare_kernels(model: ChatGLMModel, dtype: torch.dtype) -> None:
-    """Build the fast kernel layouts now, so the first answer does not pay for it."""
-    for m in model.modules():
-        if isinstance(m, quantize.QuantizedLinear):
-            x = torch.zeros(1, m.in_features, dtype=dtype, device=m.weight.device)
-            if m.kernel_fits(x):
-                m.prepare(dtype)
+    """Compile (or load from the cache) the CPU kernels and build PyTorch kernel operands
+    now, so the first answer does not pay for them."""
+    layers = [m for m in model.modules() if isinstance(m, quantize.QuantizedLinear)]
+    if any(m.weight.device.type == "cpu" for m in layers):
+        cpu_kernels.warm_up()
+    for m in layers:
+        x = torch.zeros(1, m.in_features, dtype=dtype, device=m.weight.device)
+        if m.kernel(x).startswith("torch-"):
+            m(x)
 
 
 def _ignore(name: str) -> bool:
