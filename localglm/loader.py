@@ -10,11 +10,12 @@ import torch
 
 from . import quantize, weights
 from .config import ModelConfig
-from .convert import quantize_stream
+from .convert import dequantize_head, quantize_head, quantize_stream
 from .engine import LocalGLM
 from .errors import LocalGLMError, ModelFormatError
 from .model import ChatGLMModel, RotaryTable
 from .quantize import cpu_kernels
+from .quantize.embedding import use_quantized_head
 from .tokenizer import ChatGLMTokenizer
 
 DTYPES = {
@@ -103,6 +104,7 @@ def load(
             target = stored
         quantize.make_quantized_skeleton(model, target[0], target[1],
                                          "localglm" if target[1] else "official")
+    tensors = _head_format(model, cfg, placement, tensors)
     if prefix_tensors:
         tensors = _chain(tensors, prefix_tensors.items())
     weights.load_into(model, tensors, placement.convert, str(model_dir), _ignore)
@@ -117,6 +119,20 @@ def load(
     return LocalGLM(model, tokenizer, placement.dtype, max_context=max_context,
                     precision=placement.precision, path=str(model_dir),
                     choice=placement.reason)
+
+
+def _head_format(model: ChatGLMModel, cfg: ModelConfig, placement: Placement, tensors):
+    """int8 head for quantized models on the CPU, where the kernels read it at a quarter of
+    bf16's bytes; a float head elsewhere (GPUs have no such kernel here) and in the exact
+    float32 mode."""
+    want = (placement.bits > 0 and placement.first.type == "cpu"
+            and placement.dtype != torch.float32)
+    if want:
+        use_quantized_head(model)
+        return tensors if cfg.quantization_head_bits else quantize_head(tensors)
+    if cfg.quantization_head_bits:
+        return dequantize_head(tensors, placement.dtype)
+    return tensors
 
 
 def stored_quantization(cfg: ModelConfig) -> tuple[int, int] | None:

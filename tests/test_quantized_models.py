@@ -59,6 +59,7 @@ def test_official_checkpoint_fast_kernels(variant, golden_logits, monkeypatch):
     monkeypatch.setattr(linear.QuantizedLinear, "_forward_tiled", count_tiled)
     m = localglm.load(DATA / f"chatglm-6b-tiny-{name}", device="cpu")
     assert m.dtype == torch.bfloat16  # the fast default on CPU
+    assert type(m.model.transformer.word_embeddings).__name__ == "QuantizedEmbedding"
     for c in vcases:
         got = m.logits(c["input_ids"])[-1]
         want = golden_logits[f"{name}/{c['name']}.last_logits"]
@@ -67,7 +68,7 @@ def test_official_checkpoint_fast_kernels(variant, golden_logits, monkeypatch):
         if top2[0] - top2[1] > 2 * FAST_ATOL:
             assert got.argmax() == want.argmax(), c["name"]
     m.generate(vcases[0]["input_ids"], max_new_tokens=2)
-    n_linears = 4 * m.config.num_layers
+    n_linears = 4 * m.config.num_layers + 1  # the blocks and the int8 head
     assert calls["gemv"] >= n_linears and calls["tiled"] >= n_linears, calls
 
 
@@ -82,9 +83,11 @@ def test_quantize_on_load_reproduces_official_int4(cases):
 @pytest.mark.parametrize("precision, group", [("int4", 32), ("int4", 0), ("int8", 0)])
 def test_convert_then_load_is_bit_identical_to_quantize_on_load(tmp_path, cases, precision,
                                                                group):
-    out = tmp_path / "q"
+    out, exact = tmp_path / "q", tmp_path / "q-float-head"
     convert_model(DATA / "chatglm-6b-tiny", out, precision, group, progress=False)
-    saved = localglm.load(out, compute_dtype="float32", device="cpu")
+    convert_model(DATA / "chatglm-6b-tiny", exact, precision, group, progress=False,
+                  head_bits=0)
+    saved = localglm.load(exact, compute_dtype="float32", device="cpu")
     live = localglm.load(DATA / "chatglm-6b-tiny", precision=precision, group_size=group,
                          compute_dtype="float32", device="cpu")
     ids = cases["cases"][4]["input_ids"]
@@ -135,3 +138,20 @@ def test_quantize_command_writes_atomically(tmp_path):
     assert cli.main(["quantize", str(DATA / "chatglm-6b-tiny"), "-o", str(out),
                      "--precision", "int4"]) == 1  # refuses to overwrite
     assert [p.name for p in tmp_path.iterdir()] == ["q4"]  # no temp dirs left behind
+
+
+def test_int8_head_lookup_and_projection():
+    from localglm.quantize import dequantize_int8
+    from localglm.quantize.embedding import QuantizedEmbedding, quantize_embedding
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 64)
+    q, s = quantize_embedding(w)
+    emb = QuantizedEmbedding(300, 64)
+    emb.load_state_dict({"weight": q, "weight_scale": s})
+    ref = dequantize_int8(q, s)  # [V, H]
+    assert (ref - w).abs().max() <= s.float().max() / 2 + 1e-6  # half a step per row
+    ids = torch.tensor([[3, 299, 0]])
+    assert torch.equal(emb(ids), ref[ids])
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(emb.project(x), x @ ref.T)  # float32: the exact path
