@@ -155,6 +155,8 @@ def plan_delete(repo_id: str, cache: Path) -> Deletion:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.utils import CacheNotFound
 
+    from .hub import repo_dir
+
     try:
         info = scan_cache_dir(cache)
     except CacheNotFound:
@@ -166,10 +168,9 @@ def plan_delete(repo_id: str, cache: Path) -> Deletion:
         strategy = info.delete_revisions(*(r.commit_hash for r in revs))
         names = ", ".join(",".join(sorted(r.refs)) or r.commit_hash[:12] for r in revs)
         what = f"{len(revs)} revision{'s' * (len(revs) != 1)} ({names})"
-        return Deletion(repo_id, what, strategy.expected_freed_size, strategy.execute)
+        # Every revision goes, so the whole repo folder does (refs and file lists included).
+        return Deletion(repo_id, what, dir_size(repo.repo_path), strategy.execute)
     # A folder the scan does not list (e.g. a download stopped before any file was complete).
-    from .hub import repo_dir
-
     folder = repo_dir(repo_id, cache)
     if folder.is_dir():
         return Deletion(repo_id, "an unfinished download", dir_size(folder),

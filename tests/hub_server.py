@@ -183,6 +183,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
+def isolate_hf(monkeypatch, tmp_path: Path) -> Path:
+    """A private HF cache and home for one test: no token, offline mode off, telemetry and
+    xet off, small read blocks (so a dropped connection on a small shard resumes mid-file).
+    Returns the cache directory."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    for var in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hc, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    return tmp_path / "hub"
+
+
 @contextlib.contextmanager
 def serving(hub: FakeHub):
     """Serve ``hub`` on a free loopback port in a thread; yields its base URL."""

@@ -6,7 +6,7 @@ import types
 
 import pytest
 from conftest import DATA, TINY
-from hub_server import FakeHub, free_port, serving
+from hub_server import FakeHub, free_port, isolate_hf, serving
 
 from localglm import cli
 
@@ -21,19 +21,7 @@ FIXTURE_FILES = sorted(p.name for p in TINY.iterdir() if p.is_file())
 
 @pytest.fixture
 def hf_env(tmp_path, monkeypatch):
-    """A private HF cache and home; no token, offline mode off, telemetry and xet off."""
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    for var in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
-    # Small read blocks, so that a dropped connection on a ~500 KB shard resumes mid-file.
-    monkeypatch.setattr(hc, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
-    return tmp_path / "hub"
+    return isolate_hf(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ Download a ChatGLM-6B model (THUDM/chatglm-6b, THUDM/chatglm-6b-int8, THUDM/chat
 any repo in the same layout) into the Hugging Face cache, where `localglm chat MODEL_ID` finds
 it. Only the checkpoint files are fetched (config.json, weight shards and their index,
 tokenizer files, README/LICENSE); a repo's own Python code is never downloaded. Every file is
-checked against the sha256 the hub publishes; a file that does not match is removed and
-fetched again. A dropped connection resumes where it stopped; after Ctrl-C, run the same
-command again: files already complete are kept. Nothing is ever downloaded by other commands.
+checked against the checksum the hub publishes for it (sha256 for the LFS-stored weights and
+tokenizer); a file that does not match is removed and fetched again. A dropped connection
+resumes where it stopped; after Ctrl-C, run the same command again: files already complete
+are kept. Nothing is ever downloaded by other commands.
 """
 
 EPILOG = """\
@@ -21,7 +22,7 @@ examples:
   localglm pull THUDM/chatglm-6b-int4
   # through https://hf-mirror.com, the mirror commonly used in mainland China:
   HF_ENDPOINT=https://hf-mirror.com localglm pull THUDM/chatglm-6b-int4
-  localglm pull THUDM/chatglm-6b --revision v1.1.0
+  localglm pull THUDM/chatglm-6b --revision COMMIT    # pin an exact version
   localglm pull MODELSCOPE_ID --source modelscope --local-dir ./chatglm-6b
 
 The cache is HF_HUB_CACHE (default: $HF_HOME/hub, i.e. ~/.cache/huggingface/hub); a gated or
