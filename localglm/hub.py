@@ -149,7 +149,12 @@ class PullPlan:
 def plan_pull(repo_id: str, revision: str, endpoint: str) -> PullPlan:
     """Ask the hub which files ``repo_id`` has at ``revision``, with sizes and checksums."""
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(f"{repo_id!r} is not a model id ({_first_line(e)})") from None
     with _hub_errors(repo_id, revision, endpoint):
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision,
                                                    files_metadata=True)
@@ -160,6 +165,9 @@ def plan_pull(repo_id: str, revision: str, endpoint: str) -> PullPlan:
             continue
         sha256 = s.lfs.sha256 if s.lfs is not None else None
         files.append(RemoteFile(s.rfilename, s.size, sha256, None if s.lfs else s.blob_id))
+    if not info.sha:
+        raise HubError(f"{endpoint}/{repo_id} did not say which commit {revision!r} is; is "
+                       f"{endpoint} a Hugging Face Hub (or a mirror of one)?")
     if not any(f.name == "config.json" for f in files):
         raise HubError(f"{endpoint}/{repo_id} has no config.json; is it a ChatGLM-6B model?")
     return PullPlan(repo_id, revision, info.sha, endpoint, files, skipped)
@@ -262,6 +270,9 @@ def _hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
         hint = again if status >= 500 or status in (408, 429) else ""
         raise HubError(f"{where}: the hub answered {status or 'an error'} "
                        f"({_first_line(e)}){hint}") from None
+    except ValueError as e:  # a 200 answer that is not the hub's JSON
+        raise HubError(f"{endpoint} did not answer like a Hugging Face Hub ({_first_line(e)}); "
+                       "check --endpoint / HF_ENDPOINT") from None
     except LocalEntryNotFoundError:
         raise HubError(f"cannot reach {endpoint}; check the network, or use a mirror with "
                        f"--endpoint / HF_ENDPOINT (e.g. {MIRROR}){again}") from None

@@ -1,8 +1,11 @@
 """`localglm pull` against a Hugging Face Hub on loopback, with the real huggingface_hub client."""
 
+import functools
 import hashlib
 import sys
+import threading
 import types
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import DATA, TINY
@@ -174,18 +177,35 @@ def test_revision_and_unknown_names(hub, hf_env, capsys):
     rc, out, err = pull(capsys, "THUDM/nope", "--endpoint", url)
     assert (rc, err.strip()) == (1, f"error: no model 'THUDM/nope' at {url} (check the id; a "
                                     "private model needs HF_TOKEN)")
+    rc, out, err = pull(capsys, "THUDM/chat glm", "--endpoint", url)
+    assert rc == 1 and err.startswith("error: 'THUDM/chat glm' is not a model id (")
     rc, out, err = pull(capsys, "chatglm-6b", "--endpoint", url)
     assert (rc, err.strip()) == (1, "error: 'chatglm-6b' is not a model id (ORG/NAME, e.g. "
                                     "THUDM/chatglm-6b)")
 
 
-def test_unreachable_endpoint_and_offline_mode(hf_env, capsys, monkeypatch):
+def test_unreachable_or_wrong_endpoint_and_offline_mode(hf_env, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants as hc
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     rc, out, err = pull(capsys, REPO, "--endpoint", url)
     assert rc == 1
     assert err.startswith(f"error: cannot reach {url} (") and "hf-mirror.com" in err
+    # A web server that is not a hub: its answer to the model info route is a web page.
+    page = tmp_path / "site" / "api" / "models" / "THUDM" / "chatglm-6b" / "revision" / "main"
+    page.parent.mkdir(parents=True)
+    page.write_text("<html>hello</html>")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    handler.log_message = lambda *a: None
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{web.server_address[1]}"
+        rc, out, err = pull(capsys, REPO, "--endpoint", url)
+        web.shutdown()
+    assert rc == 1
+    assert err.startswith(f"error: {url} did not answer like a Hugging Face Hub (")
+    assert err.endswith("check --endpoint / HF_ENDPOINT")
+
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     rc, out, err = pull(capsys, REPO, "--endpoint", url)
     assert (rc, err.strip()) == (1, "error: HF_HUB_OFFLINE is set, so nothing can be "
