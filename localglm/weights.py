@@ -28,17 +28,9 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
         raise ModelFormatError(f"{p} is a file; give the model directory that contains it")
     text = str(model)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
+        from .hub import resolve_cached
 
-            return Path(snapshot_download(text, local_files_only=True))
-        except Exception:
-            pass
-        raise ModelFormatError(
-            f"model {text!r} is neither a directory nor in the Hugging Face cache; download it "
-            f"first, e.g. `git lfs install && git clone https://huggingface.co/{text}`, "
-            "then pass the directory"
-        )
+        return resolve_cached(text)
     raise ModelFormatError(f"model directory {p} does not exist")
 
 
