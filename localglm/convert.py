@@ -70,7 +70,8 @@ def cast_floats(tensors: Tensors, dtype: torch.dtype) -> Tensors:
         yield name, t
 
 
-def convert_model(src: Path, dst: Path, precision: str, group_size: int = 32,
+def convert_model(src: Path, dst: Path, precision: str,
+                  group_size: int = quantize.DEFAULT_GROUP_SIZE,
                   progress: bool = True, head_bits: int = HEAD_BITS) -> ModelConfig:
     """Write ``src`` as a safetensors model directory at ``dst`` in ``precision``.
 

@@ -16,6 +16,7 @@ from .errors import LocalGLMError, ModelFormatError
 from .model import ChatGLMModel, RotaryTable
 from .quantize import cpu_kernels
 from .quantize.embedding import use_quantized_head
+from .quantize.formats import DEFAULT_GROUP_SIZE
 from .tokenizer import ChatGLMTokenizer
 
 DTYPES = {
@@ -24,7 +25,6 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
-DEFAULT_GROUP_SIZE = 32  # int4 groups when quantizing a float checkpoint
 
 
 def canonical_precision(p: str) -> str:

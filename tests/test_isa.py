@@ -14,15 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from localglm.quantize.cpu_kernels import AVX2_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
-# What an AVX2 + FMA CPU (Haswell and later, Zen 1-3) offers: no AVX-512, no VNNI.
-AVX2_FEATURES = "+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2,+cx16,+movbe,+lzcnt"
-AVX2_ENV = {
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "NUMBA_CPU_NAME": "haswell",
-    "NUMBA_CPU_FEATURES": AVX2_FEATURES,
-}
 
 
 def _native_is_avx2() -> bool:

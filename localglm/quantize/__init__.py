@@ -7,6 +7,7 @@ and picks a kernel per call.
 """
 
 from .formats import (
+    DEFAULT_GROUP_SIZE,
     FORMATS,
     INT4_GROUP_SIZES,
     QUANTIZED_LINEAR_NAMES,
@@ -25,6 +26,7 @@ from .formats import (
 from .linear import QuantizedLinear, kernel_report, make_quantized_skeleton
 
 __all__ = [
+    "DEFAULT_GROUP_SIZE",
     "FORMATS",
     "INT4_GROUP_SIZES",
     "QUANTIZED_LINEAR_NAMES",

@@ -56,6 +56,15 @@ __all__ = ["HAVE_NUMBA", "isa", "matmul_int4", "matmul_int8", "shape_ok", "suppo
 
 # Activation columns per int8 scale for the per-row formats and wide groups.
 BLOCK = 128
+# The environment that makes PyTorch, oneDNN and numba run their AVX2 code on any newer x86
+# CPU (read once at start-up, so it must be set before the process imports them): what an
+# AVX2 + FMA CPU (Haswell and later, Zen 1-3) offers, no AVX-512, no VNNI.
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "NUMBA_CPU_NAME": "haswell",
+    "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2,+cx16,+movbe,+lzcnt",
+}
 
 
 def _target_features() -> set[str]:
