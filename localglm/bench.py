@@ -184,11 +184,14 @@ def time_sampler(vocab: int, repeats: int = 20) -> float:
 @torch.inference_mode()
 def linear_share(model: ChatGLMModel, dtype, steps: int = 4) -> tuple[float, float]:
     """(ms in the quantized linears and head, ms in everything else) per greedy decode step
-    after a short prompt, timed by wrapping every quantized layer's forward."""
-    spent = [0.0]
+    after a short prompt, timed by wrapping every quantized layer's forward during the
+    decode steps only."""
+    spent, on = [0.0], [False]
 
     def timed(forward):
         def wrapper(*args, **kwargs):
+            if not on[0]:
+                return forward(*args, **kwargs)
             t = time.perf_counter()
             try:
                 return forward(*args, **kwargs)
@@ -200,14 +203,20 @@ def linear_share(model: ChatGLMModel, dtype, steps: int = 4) -> tuple[float, flo
     for m in layers:
         m._forward_no_grad = timed(m._forward_no_grad)
     try:
-        _, total_ms = prefill_and_decode(model, 32, steps, dtype)
-        spent[0] = 0.0
-        _, total_ms = prefill_and_decode(model, 8, steps, dtype)
+        batch = Batch([_prompt(model.config, 8)], model.config, "cpu")
+        cache = new_cache(model, 1, 8 + steps + 2, dtype)
+        token = prefill(model, batch, cache, dtype).argmax(-1, keepdim=True)
+        index = batch.width
+        on[0] = True
+        t = time.perf_counter()
+        for _ in range(steps):
+            token = decode_one_token(model, batch, token, index, cache).argmax(-1, keepdim=True)
+            index += 1
+        total_ms = (time.perf_counter() - t) / steps * 1000
     finally:
         for m in layers:
             del m._forward_no_grad
-    # spent covers the prefill and the untimed warm-up step too: take the decode steps' share
-    linear_ms = spent[0] * 1000 / (steps + 2)
+    linear_ms = spent[0] / steps * 1000
     return linear_ms, max(total_ms - linear_ms, 0.0)
 
 

@@ -39,6 +39,10 @@ def _cache_dir() -> str:
 
 
 os.environ.setdefault("NUMBA_CACHE_DIR", _cache_dir())
+# numba's OpenMP layer would bring a second OpenMP runtime beside PyTorch's, whose threads
+# spin after every region and steal the cores the kernels' threads need; the workqueue layer
+# sleeps between calls. (Set before numba reads its config.)
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 try:  # numba is a dependency, but the reference path must work without it
     import llvmlite.binding as _llvm
@@ -266,6 +270,19 @@ if HAVE_NUMBA:
 
         return sig, codegen
 
+    @intrinsic
+    def _bf16_bits(typingctx, x):
+        """float32 -> bfloat16 bits (uint16), rounded to nearest even like torch's cast."""
+        sig = types.uint16(types.float32)
+
+        def codegen(context, builder, signature, args):
+            u = builder.bitcast(args[0], _I32)
+            odd = builder.and_(builder.lshr(u, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+            u = builder.add(u, builder.add(ir.Constant(_I32, 0x7FFF), odd))
+            return builder.trunc(builder.lshr(u, ir.Constant(_I32, 16)), _I16)
+
+        return sig, codegen
+
     _ROWS = 32  # output rows per parallel task
 
     @njit(cache=True)
@@ -295,34 +312,47 @@ if HAVE_NUMBA:
                 dx[m, b] = d
                 xs[m, b] = np.float32(total) * d
 
+    @njit(cache=True, fastmath=True)
+    def _group_factors(srow, zrow, dxm, xsm, per_group, f):
+        """f[b] = dx[b] * s[g(b)] for this row and activation row; returns the zero-point
+        correction sum_g (z_g - 8 s_g) * sum_{b in g} xs[b]. fastmath lets LLVM vectorise it."""
+        bias = np.float32(0.0)
+        if per_group == 1:
+            for g in range(srow.shape[0]):
+                sg = _bf16(srow[g])
+                f[g] = dxm[g] * sg
+                bias += (_bf16(zrow[g]) - np.float32(8.0) * sg) * xsm[g]
+            return bias
+        for g in range(srow.shape[0]):
+            sg = _bf16(srow[g])
+            gs = np.float32(0.0)
+            for b in range(g * per_group, (g + 1) * per_group):
+                f[b] = dxm[b] * sg
+                gs += xsm[b]
+            bias += (_bf16(zrow[g]) - np.float32(8.0) * sg) * gs
+        return bias
+
     @njit(parallel=True, cache=True)
     def _int4_grouped(w, s, z, xq, dx, xs, group, out):
         """localglm int4: w uint8 [N, K/2], s and z bf16 bits [N, G]; weight (q-8)*s + z."""
         n, half = w.shape
         m_rows, k = xq.shape
-        n_groups = s.shape[1]
-        blk = k // dx.shape[1]  # activation block: 32 (group 32) or 64/128
+        nb = dx.shape[1]
+        blk = k // nb  # activation block: 32 (group 32) or 64/128
         per_group = group // blk
         wa, xa = w.ctypes.data, xq.ctypes.data
         for t in prange((n + _ROWS - 1) // _ROWS):
-            f = np.empty(dx.shape[1], np.float32)
+            f = np.empty(nb, np.float32)
+            fa = f.ctypes.data
             for r in range(t * _ROWS, min(n, t * _ROWS + _ROWS)):
                 for m in range(m_rows):
-                    bias = np.float32(0.0)
-                    for g in range(n_groups):
-                        sg = _bf16(s[r, g])
-                        gs = np.float32(0.0)
-                        for b in range(g * per_group, (g + 1) * per_group):
-                            f[b] = dx[m, b] * sg
-                            gs += xs[m, b]
-                        bias += (_bf16(z[r, g]) - np.float32(8.0) * sg) * gs
+                    bias = _group_factors(s[r], z[r], dx[m], xs[m], per_group, f)
                     xrow = xa + m * k
                     if blk == 32:
-                        y = _int4_row_halves(wa + r * half, xrow, f.ctypes.data, half // 32,
-                                             np.uint8(0))
+                        y = _int4_row_halves(wa + r * half, xrow, fa, half // 32, np.uint8(0))
                     else:
-                        y = _int4_row_blocks(wa + r * half, xrow, f.ctypes.data,
-                                             dx.shape[1], blk // 64, np.uint8(0))
+                        y = _int4_row_blocks(wa + r * half, xrow, fa, nb, blk // 64,
+                                             np.uint8(0))
                     out[m, r] = y + bias
 
     @njit(parallel=True, cache=True)
@@ -334,6 +364,10 @@ if HAVE_NUMBA:
         nb = dx.shape[1]
         blk = k // nb
         wa, xa = w.ctypes.data, xq.ctypes.data
+        corr = np.zeros(m_rows, np.float32)  # sum of the activations, per activation row
+        for m in range(m_rows):
+            for b in range(nb):
+                corr[m] += xs[m, b]
         for t in prange((n + _ROWS - 1) // _ROWS):
             for r in range(t * _ROWS, min(n, t * _ROWS + _ROWS)):
                 sr = _fp16(s[r])
@@ -343,19 +377,31 @@ if HAVE_NUMBA:
                     if bits == 4:
                         y = _int4_row_blocks(wa + r * row_bytes, xrow, fa, nb, blk // 64,
                                              np.uint8(0x88))
-                        corr = np.float32(0.0)
-                        for b in range(nb):
-                            corr += xs[m, b]
-                        out[m, r] = sr * (y - np.float32(8.0) * corr)
+                        out[m, r] = sr * (y - np.float32(8.0) * corr[m])
                     else:
                         y = _int8_row_blocks(wa + r * row_bytes, xrow, fa, nb, blk // 32)
                         out[m, r] = sr * y
+
+_threads = [0]
+
+
+def _sync_threads() -> None:
+    """Run the kernels on as many threads as PyTorch's pool (torch.set_num_threads), never
+    more: the two pools take turns on the same cores."""
+    n = min(torch.get_num_threads(), _nb_config.NUMBA_NUM_THREADS)
+    if n != _threads[0]:
+        import numba
+
+        numba.set_num_threads(n)
+        _threads[0] = n
+
 
 def _u16(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
 def _prep_x(x2: torch.Tensor, blk: int, pair: bool):
+    _sync_threads()
     m, k = x2.shape
     xf = x2.detach().to(torch.float32).contiguous().numpy()
     xq = np.empty((m, k), np.int8)
@@ -402,6 +448,57 @@ def shape_ok(bits: int, group: int, in_features: int) -> bool:
     """Whether the kernels take this layer: K a multiple of the activation block and of the
     64 columns one 32-byte load of int4 holds."""
     return in_features % max(64, block(bits, group, in_features)) == 0
+
+
+if HAVE_NUMBA:
+
+    @njit(parallel=True, cache=True)
+    def _dequant_int4_bf16(w, s, z, group, signed, r0, out):
+        """Rows r0 .. r0 + len(out) of an int4 weight, dequantized into bf16 pairs (uint32
+        [R, K/2], low half = even column): (q - 8) * s + z per group (localglm), or the signed
+        nibble times the row scale (official; u - 8 with u = nibble ^ 8 is the same value).
+        A group's 16 possible values are computed once, then each byte is two table reads."""
+        rows, k2 = out.shape
+        half = group // 2
+        lut = np.empty((rows, 16), np.uint32)
+        for i in prange(rows):
+            r = r0 + i
+            flip = np.int32(0x88) if signed else np.int32(0)
+            for g in range(k2 // half):
+                sg = _fp16(s[r, 0]) if signed else _bf16(s[r, g])
+                zg = np.float32(0.0) if signed else _bf16(z[r, g])
+                for q in range(16):
+                    lut[i, q] = np.uint32(_bf16_bits(np.float32(q - 8) * sg + zg))
+                for jj in range(half):
+                    byte = np.int32(w[r, g * half + jj]) ^ flip
+                    out[i, g * half + jj] = lut[i, (byte >> 4) & 15] | (lut[i, byte & 15] << 16)
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def _dequant_int8_bf16(w, s, r0, out):
+        rows, k = out.shape
+        for i in prange(rows):
+            sr = _fp16(s[r0 + i])
+            for j in range(k):
+                out[i, j] = _bf16_bits(np.float32(w[r0 + i, j]) * sr)
+
+
+def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    bits: int, group: int, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """Output rows ``rows`` of a stored int4/int8 weight as bf16 into ``out`` [R, K] (the
+    dequantized value rounded once to bf16, as the reference path's cast does)."""
+    _sync_threads()
+    r0 = rows.start or 0
+    o = out.view(torch.int16).numpy().view(np.uint16)
+    if bits == 8:
+        _dequant_int8_bf16(weight.numpy(), _u16(scale), r0, o)
+        return out
+    o = o.view(np.uint32)  # pairs of columns
+    if group == 0:
+        _dequant_int4_bf16(weight.numpy(), _u16(scale)[:, None], _u16(scale)[:, None],
+                           64, True, r0, o)
+    else:
+        _dequant_int4_bf16(weight.numpy(), _u16(scale), _u16(zero), group, False, r0, o)
+    return out
 
 
 _warm = False
