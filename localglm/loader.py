@@ -14,7 +14,7 @@ from .convert import dequantize_head, quantize_head, quantize_stream
 from .engine import LocalGLM
 from .errors import LocalGLMError, ModelFormatError
 from .model import ChatGLMModel, RotaryTable
-from .quantize import cpu_kernels
+from .quantize import cpu_kernels, torch_kernels
 from .quantize.embedding import use_quantized_head
 from .quantize.formats import DEFAULT_GROUP_SIZE
 from .tokenizer import ChatGLMTokenizer
@@ -54,8 +54,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def default_compute_dtype(device: torch.device) -> torch.dtype:
-    """Fastest well-supported activation dtype: fp16 on GPUs, bf16 on CPUs."""
+def default_compute_dtype(device: torch.device, precision: str = "") -> torch.dtype:
+    """Fastest well-supported activation dtype: fp16 on GPUs, bf16 on CPUs, and bf16 for int4
+    on CUDA GPUs that have it, since PyTorch's CUDA int4 kernel takes bf16 activations only
+    (with fp16 every call would dequantize the whole weight)."""
+    if device.type == "cuda" and precision == "int4" and torch_kernels.HAS_CUDA_INT4 \
+            and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
     if device.type in ("cuda", "mps"):
         return torch.float16
     return torch.bfloat16
@@ -205,7 +210,7 @@ def plan_placement(cfg: ModelConfig, precision: str, device, devices, context: i
             f"this checkpoint holds int{cfg.quantization_bit} weights; load it with "
             f"precision='int{cfg.quantization_bit}' (or 'auto'), or convert the float model")
     quantized = precision in ("int8", "int4")
-    dtype = default_compute_dtype(devs[0]) if quantized else DTYPES[precision]
+    dtype = default_compute_dtype(devs[0], precision) if quantized else DTYPES[precision]
     if compute_dtype is not None:
         dtype = DTYPES[str(compute_dtype).removeprefix("torch.")]
     if len(devs) > 1:

@@ -155,3 +155,20 @@ def test_int8_head_lookup_and_projection():
     assert torch.equal(emb(ids), ref[ids])
     x = torch.randn(2, 64)
     torch.testing.assert_close(emb.project(x), x @ ref.T)  # float32: the exact path
+
+
+def test_cuda_int4_gets_the_activation_dtype_its_kernel_takes(monkeypatch):
+    """PyTorch's CUDA int4 kernel takes bf16 activations only: int4 on a bf16-capable CUDA
+    GPU computes in bf16 (float16 would dequantize every weight on every call)."""
+    from localglm.loader import default_compute_dtype
+    from localglm.quantize import torch_kernels
+
+    monkeypatch.setattr(torch_kernels, "HAS_CUDA_INT4", True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = torch.device("cuda")
+    assert default_compute_dtype(cuda, "int4") == torch.bfloat16
+    assert default_compute_dtype(cuda, "int8") == torch.float16
+    assert default_compute_dtype(cuda, "float16") == torch.float16
+    assert default_compute_dtype(torch.device("cpu"), "int4") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert default_compute_dtype(cuda, "int4") == torch.float16
