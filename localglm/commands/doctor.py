@@ -1,4 +1,5 @@
-"""`localglm doctor`: this machine, what each precision needs, and what localglm would pick."""
+"""`localglm doctor`: this machine, what each precision needs, what localglm would pick, and
+every problem of a model directory (checked without loading it)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from ..devices import (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
-                   help="model directory (default: estimate for the real ChatGLM-6B shapes)")
+                   help="model directory to check (headers only: every problem is listed and "
+                   "the exit code is 1) and plan for (default: the real ChatGLM-6B shapes)")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens of KV cache to plan for (default: the model's maximum, 2048 "
                    "for ChatGLM-6B)")
