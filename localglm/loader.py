@@ -105,7 +105,7 @@ def load(
                                          "localglm" if target[1] else "official")
     if prefix_tensors:
         tensors = _chain(tensors, prefix_tensors.items())
-    weights.load_into(model, tensors, placement.convert, str(model_dir), cfg=cfg)
+    weights.load_into(model, tensors, placement.convert, str(model_dir))
     model.rotary = RotaryTable(cfg.head_dim // 2, cfg.max_sequence_length).to(
         placement.first)
     if adapter is not None:

@@ -159,13 +159,23 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
-                return {name: TensorInfo(tuple(s.get_shape()), _ST_DTYPES[s.get_dtype()])
-                        for name, s in slices.items()}
-        return {name: TensorInfo(tuple(t.shape), t.dtype)
-                for name, t in _load_pickle(path).items()}
+                infos = {name: (f.get_slice(name).get_shape(), f.get_slice(name).get_dtype())
+                         for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        else:
+            infos = {name: (getattr(t, "shape", None), getattr(t, "dtype", None))
+                     for name, t in _load_pickle(path).items()}
     except Exception as e:  # every failure is reported as a broken file
         raise _read_error(path, e) from None
+    out = {}
+    for name, (shape, dtype) in infos.items():
+        if shape is None:
+            raise ModelFormatError(f"{path}: {name} is not a tensor; is this a model checkpoint?")
+        dtype = _ST_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+        if dtype is None:
+            raise ModelFormatError(f"{path}: {name} has a data type localglm does not read "
+                                   f"({infos[name][1]}); use a float16/bfloat16/float32 model")
+        out[name] = TensorInfo(tuple(shape), dtype)
+    return out
 
 
 def read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -247,7 +257,11 @@ def check_model_dir(model_dir: Path, ptuning_ok: bool = False) -> CheckReport:
         except ModelFormatError as e:
             report.problems.append(str(e))
     ptuning = bool(report.tensors) and all(n.startswith(PREFIX_ENCODER) for n in report.tensors)
-    if ptuning and ptuning_ok:
+    if ptuning:
+        if not ptuning_ok:
+            report.problems.append(
+                f"it holds only a P-Tuning v2 prefix ({PREFIX_ENCODER}*), not a model: use it "
+                f"with a base model, e.g. `localglm chat BASE --ptuning {model_dir}`")
         return report
     report.problems += _tokenizer_problems(model_dir)
     if report.config is not None and files and len(report.files) == len(files):
@@ -321,13 +335,13 @@ def load_into(
     convert: Callable[[str, torch.Tensor], torch.Tensor],
     source: str,
     ignore: Callable[[str], bool] = rebuilt_on_load,
-    cfg: ModelConfig | None = None,
 ) -> None:
     """Assign checkpoint tensors to ``module`` (built on the meta device), one at a time.
 
     ``convert(name, tensor)`` turns each checkpoint tensor into its final dtype/device/format.
-    Every missing, unexpected or wrong-shaped tensor is collected and reported in one error,
-    with the config.json fields that disagree when ``cfg`` is given.
+    Every missing, unexpected or wrong-shaped tensor is collected and reported in one error
+    (``check_model_dir`` has already named the config.json fields that disagree, from the
+    files; what arrives here may be quantized on the way or come from a P-Tuning checkpoint).
     """
     expected = module.state_dict(keep_vars=True)  # persistent parameters and buffers
     found: dict[str, tuple[int, ...]] = {}
@@ -336,8 +350,8 @@ def load_into(
         if name in expected and found[name] == tuple(expected[name].shape):
             assign(module, name, convert(name, t))
     shapes = {n: tuple(t.shape) for n, t in expected.items()}
-    lines = (mismatch_lines(cfg, shapes, found, ignore) if cfg is not None else
-             tensor_lines(shapes, found, 0, ignore))
+    layers = getattr(getattr(module, "config", None), "num_layers", 0)
+    lines = tensor_lines(shapes, found, layers, ignore)
     if lines:
         raise ModelFormatError(
             f"{source} does not match its config.json:\n"

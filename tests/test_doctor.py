@@ -114,3 +114,13 @@ def test_doctor_broken_config(tmp_path, tiny_dir):
         f"  {model / 'config.json'} is not valid JSON (Expecting property name enclosed in "
         "double quotes: line 1 column 2 (char 1))",
         f"  {SHARD1} is a Git LFS pointer (a small text file), not the real file: {PULL}"]
+
+
+def test_doctor_on_a_ptuning_checkpoint(tiny_dir):
+    ckpt = tiny_dir.parent / "chatglm-6b-tiny-ptuning"
+    code, lines = doctor_report(ckpt)
+    assert code == 1
+    assert lines == [
+        f"model {ckpt}: 1 problem; " + NOT_LOADABLE.format("it is"),
+        "  it holds only a P-Tuning v2 prefix (transformer.prefix_encoder.*), not a model: use "
+        f"it with a base model, e.g. `localglm chat BASE --ptuning {ckpt}`"]

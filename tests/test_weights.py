@@ -172,27 +172,30 @@ def test_missing_and_unexpected_tensors(model_copy):
         "  unexpected: transformer.extra.weight"]
 
 
-def test_load_into_reports_with_the_same_lines(tiny_dir):
+def test_load_into_lists_each_tensor_once(tiny_dir):
     """What reaches the model without a checked directory (e.g. a P-Tuning prefix)."""
     from localglm.config import ModelConfig
     from localglm.model import ChatGLMModel
 
     cfg = ModelConfig.from_file(tiny_dir / "config.json")
-    small = ModelConfig.from_file(tiny_dir / "config.json")
-    small.num_layers = 2
+    cfg.num_layers, cfg.inner_hidden_size = 2, 128
     with torch.device("meta"):
-        model = ChatGLMModel(small)
+        model = ChatGLMModel(cfg)
     with pytest.raises(ModelFormatError) as e:
-        weights.load_into(model, weights.iter_checkpoint(tiny_dir), lambda n, t: t, "src",
-                          cfg=small)
+        weights.load_into(model, weights.iter_checkpoint(tiny_dir), lambda n, t: t, "src")
     assert str(e.value).splitlines() == [
         "src does not match its config.json:",
-        "  config.json num_layers=2 but the weights have 3 (transformer.layers.0-2): set "
-        f"num_layers to 3, {FIX}",
         "  unexpected in layer 2: attention.dense.bias, attention.dense.weight, "
         "attention.query_key_value.bias, attention.query_key_value.weight (and 8 more)",
+        "  wrong shape (weights vs config.json) in all 2 layers: mlp.dense_4h_to_h.weight "
+        "[64, 256] vs [64, 128], mlp.dense_h_to_4h.bias [256] vs [128], "
+        "mlp.dense_h_to_4h.weight [256, 64] vs [128, 64]",
         "  Check that config.json belongs to these weights, or download them again."]
-    assert cfg.num_layers == 3
+
+
+def test_quantizing_while_loading_passes_the_checks(tiny_dir):
+    m = localglm.load(tiny_dir, precision="int4", device="cpu")
+    assert m.precision == "int4"
 
 
 def test_every_problem_is_listed_with_its_file(model_copy):
@@ -292,3 +295,12 @@ def test_pickle_with_code_is_refused(model_copy):
         pickle.dump({"x": Evil()}, fh)
     with pytest.raises(ModelFormatError):
         _load(model_copy)
+
+
+def test_non_tensor_in_a_checkpoint(model_copy):
+    f = model_copy / SHARD2
+    state = torch.load(f, weights_only=True)
+    state["step"] = 3
+    torch.save(state, f)
+    assert check_model_dir(model_copy).problems == [
+        f"{f}: step is not a tensor; is this a model checkpoint?"]

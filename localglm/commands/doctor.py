@@ -18,8 +18,9 @@ from ..devices import (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
-                   help="model directory to check (headers only: every problem is listed and "
-                   "the exit code is 1) and plan for (default: the real ChatGLM-6B shapes)")
+                   help="model directory to check without loading it (every problem is "
+                   "listed; exit code 1 if there is one) and to plan for (default: the real "
+                   "ChatGLM-6B shapes)")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens of KV cache to plan for (default: the model's maximum, 2048 "
                    "for ChatGLM-6B)")
