@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LocalGLMError, ModelFormatError
+from .errors import LocalGLMError
 
 _DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -78,15 +78,14 @@ def _is_weight(name: str) -> bool:
 
 def _weight_files(model_dir: Path) -> list[str]:
     """The shards the index lists (safetensors preferred, as the loader does), else the files."""
-    from .weights import _files_from_index
-
     for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
                                 ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
         index = model_dir / index_name
         if index.exists():
-            try:
-                return [index_name, *(p.name for p in _files_from_index(index))]
-            except ModelFormatError:
+            try:  # every shard the index names, present or not
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                return [index_name, *sorted(set(weight_map.values()))]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return [index_name]  # an unreadable index: reported as a pointer or below
         files = sorted(p.name for p in model_dir.glob(pattern))
         if files:

@@ -92,6 +92,7 @@ def load(
     (PEFT format) applied on top of the weights.
     """
     model_dir = weights.resolve_model_path(path)
+    weights.validate_model_dir(model_dir)  # every problem at once, before reading the weights
     cfg = ModelConfig.from_file(model_dir / "config.json")
     tokenizer = ChatGLMTokenizer.from_dir(model_dir)
     prefix_tensors = read_ptuning(Path(ptuning), cfg) if ptuning is not None else {}
@@ -112,7 +113,7 @@ def load(
     tensors = _head_format(model, cfg, placement, tensors)
     if prefix_tensors:
         tensors = _chain(tensors, prefix_tensors.items())
-    weights.load_into(model, tensors, placement.convert, str(model_dir), _ignore)
+    weights.load_into(model, tensors, placement.convert, str(model_dir))
     model.rotary = RotaryTable(cfg.head_dim // 2, cfg.max_sequence_length).to(
         placement.first)
     if adapter is not None:
@@ -158,11 +159,6 @@ def prepare_kernels(model: ChatGLMModel, dtype: torch.dtype) -> None:
         x = torch.zeros(1, m.in_features, dtype=dtype, device=m.weight.device)
         if m.kernel(x).startswith("torch-"):
             m(x)
-
-
-def _ignore(name: str) -> bool:
-    # The tied head and the rotary buffers are rebuilt, as the official model does.
-    return name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
 
 
 @dataclass
