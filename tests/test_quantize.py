@@ -534,3 +534,16 @@ def test_skeleton_rejects_wrong_weight_dtype():
         model.load_state_dict(sd, assign=True)
     with pytest.raises(ValueError):
         make_quantized_skeleton(_Model(), 4, 32, "official")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 32), (4, 128)])
+def test_prefill_tiles_are_the_reference_values(bits, group, dtype):
+    """The numba tile dequantization gives exactly the reference's values (rounded once to
+    bf16 for a bf16 tile), for any row range."""
+    _, m = _layer(70, 256, bits, group)
+    out = torch.empty(30, 256, dtype=dtype)
+    cpu_kernels.dequantize_tile(m.weight, m.weight_scale, m.weight_zero if group else None,
+                                bits, group, slice(40, 70), out)
+    assert torch.equal(out, m.dequantize(dtype)[40:70])

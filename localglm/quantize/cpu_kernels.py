@@ -85,6 +85,8 @@ if HAVE_NUMBA:
     _VNNI = ("avx512vnni" in _FEATURES and "avx512vl" in _FEATURES) or "avxvnni" in _FEATURES
 else:
     _FEATURES, _HAS_AVX2, _VNNI = set(), False, False
+# The int8 kernel with VNNI multiplies w + 128 (unsigned) and subtracts 128 * sum(x) after.
+INT8_OFFSET = 128 if _VNNI else 0
 
 
 def isa() -> str | None:
@@ -236,9 +238,12 @@ if HAVE_NUMBA:
                     u = builder.add(builder.mul(lb.index, upb_), lu.index)
                     w = builder.load(builder.gep(wp, [u]), align=1)
                     x = builder.load(builder.gep(xp, [u]), align=1)
-                    # |w| x sign(w)*x: unsigned x signed bytes, the form both ISAs multiply.
-                    aw = builder.call(sign, [w, w])
-                    sx = builder.call(sign, [x, w])
+                    if _VNNI:  # w + 128 as unsigned; the caller subtracts 128 * sum(x)
+                        aw = builder.xor(w, ir.Constant(_V32I8, [-128] * 32))
+                        sx = x
+                    else:  # |w| x sign(w)*x: products of pairs stay inside vpmaddubsw's int16
+                        aw = builder.call(sign, [w, w])
+                        sx = builder.call(sign, [x, w])
                     builder.store(_dot(builder, aw, sx, builder.load(acc)), acc)
                 tot = builder.load(acc)
                 f = _splat(builder, builder.load(builder.gep(fp, [lb.index])), 8)
@@ -380,7 +385,7 @@ if HAVE_NUMBA:
                         out[m, r] = sr * (y - np.float32(8.0) * corr[m])
                     else:
                         y = _int8_row_blocks(wa + r * row_bytes, xrow, fa, nb, blk // 32)
-                        out[m, r] = sr * y
+                        out[m, r] = sr * (y - np.float32(INT8_OFFSET) * corr[m])
 
 _threads = [0]
 
@@ -453,14 +458,17 @@ def shape_ok(bits: int, group: int, in_features: int) -> bool:
 if HAVE_NUMBA:
 
     @njit(parallel=True, cache=True)
-    def _dequant_int4_bf16(w, s, z, group, signed, r0, out):
-        """Rows r0 .. r0 + len(out) of an int4 weight, dequantized into bf16 pairs (uint32
-        [R, K/2], low half = even column): (q - 8) * s + z per group (localglm), or the signed
-        nibble times the row scale (official; u - 8 with u = nibble ^ 8 is the same value).
-        A group's 16 possible values are computed once, then each byte is two table reads."""
-        rows, k2 = out.shape
+    def _dequant_int4(w, s, z, group, signed, r0, bf16, out):
+        """Rows r0 .. r0 + len(out) of an int4 weight, dequantized: (q - 8) * s + z per group
+        (localglm), or the signed nibble times the row scale (official; u - 8 with u = nibble
+        ^ 8 is the same value). out is bf16 pairs as uint32 [R, K/2] (low half = even column)
+        when bf16, else float32 [R, K]. A group's 16 possible values are computed once, then
+        each byte is two table reads."""
+        rows = out.shape[0]
+        k2 = w.shape[1]
         half = group // 2
         lut = np.empty((rows, 16), np.uint32)
+        lutf = np.empty((rows, 16), np.float32)
         for i in prange(rows):
             r = r0 + i
             flip = np.int32(0x88) if signed else np.int32(0)
@@ -468,10 +476,17 @@ if HAVE_NUMBA:
                 sg = _fp16(s[r, 0]) if signed else _bf16(s[r, g])
                 zg = np.float32(0.0) if signed else _bf16(z[r, g])
                 for q in range(16):
-                    lut[i, q] = np.uint32(_bf16_bits(np.float32(q - 8) * sg + zg))
+                    v = np.float32(q - 8) * sg + zg
+                    lutf[i, q] = v
+                    lut[i, q] = np.uint32(_bf16_bits(v))
                 for jj in range(half):
-                    byte = np.int32(w[r, g * half + jj]) ^ flip
-                    out[i, g * half + jj] = lut[i, (byte >> 4) & 15] | (lut[i, byte & 15] << 16)
+                    j = g * half + jj
+                    byte = np.int32(w[r, j]) ^ flip
+                    if bf16:
+                        out[i, j] = lut[i, (byte >> 4) & 15] | (lut[i, byte & 15] << 16)
+                    else:
+                        out[i, 2 * j] = lutf[i, (byte >> 4) & 15]
+                        out[i, 2 * j + 1] = lutf[i, byte & 15]
 
     @njit(parallel=True, cache=True, fastmath=True)
     def _dequant_int8_bf16(w, s, r0, out):
@@ -482,22 +497,26 @@ if HAVE_NUMBA:
                 out[i, j] = _bf16_bits(np.float32(w[r0 + i, j]) * sr)
 
 
-def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+def dequantize_tile(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                     bits: int, group: int, rows: slice, out: torch.Tensor) -> torch.Tensor:
-    """Output rows ``rows`` of a stored int4/int8 weight as bf16 into ``out`` [R, K] (the
-    dequantized value rounded once to bf16, as the reference path's cast does)."""
+    """Output rows ``rows`` of a stored int4/int8 weight into ``out`` [R, K] (bf16 or
+    float32): the reference's float32 value, rounded once to bf16 for a bf16 tile."""
     _sync_threads()
     r0 = rows.start or 0
-    o = out.view(torch.int16).numpy().view(np.uint16)
+    w = weight.numpy()
     if bits == 8:
-        _dequant_int8_bf16(weight.numpy(), _u16(scale), r0, o)
+        if out.dtype == torch.bfloat16:
+            _dequant_int8_bf16(w, _u16(scale), r0, out.view(torch.int16).numpy().view(np.uint16))
+        else:
+            torch.mul(weight[rows], scale[rows, None].float(), out=out)
         return out
-    o = o.view(np.uint32)  # pairs of columns
+    bf16 = out.dtype == torch.bfloat16
+    o = out.view(torch.int16).numpy().view(np.uint32) if bf16 else out.numpy()
     if group == 0:
-        _dequant_int4_bf16(weight.numpy(), _u16(scale)[:, None], _u16(scale)[:, None],
-                           64, True, r0, o)
+        s = _u16(scale)[:, None]
+        _dequant_int4(w, s, s, 64, True, r0, bf16, o)
     else:
-        _dequant_int4_bf16(weight.numpy(), _u16(scale), _u16(zero), group, False, r0, o)
+        _dequant_int4(w, _u16(scale), _u16(zero), group, False, r0, bf16, o)
     return out
 
 

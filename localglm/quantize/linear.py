@@ -298,16 +298,12 @@ class QuantizedLinear(nn.Module):
         xg = x2.to(gemm)
         out = torch.empty(x2.shape[0], self.out_features, dtype=gemm)  # [M, N]
         tile = torch.empty(min(PREFILL_TILE_ROWS, self.out_features), self.in_features,
-                           dtype=torch.bfloat16) if gemm == torch.bfloat16 else None
+                           dtype=gemm)
         zero = self.weight_zero if self.group_size else None
         for r0 in range(0, self.out_features, PREFILL_TILE_ROWS):
             rows = slice(r0, min(self.out_features, r0 + PREFILL_TILE_ROWS))
-            if tile is not None:  # numba: dequantize straight into the bf16 tile
-                w = cpu_kernels.dequantize_bf16(self.weight, self.weight_scale, zero, self.bits,
-                                                self.group_size, rows,
-                                                tile[: rows.stop - r0])
-            else:
-                w = self.dequantize(gemm, rows)
+            w = cpu_kernels.dequantize_tile(self.weight, self.weight_scale, zero, self.bits,
+                                            self.group_size, rows, tile[: rows.stop - r0])
             torch.matmul(xg, w.T, out=out[:, rows])
         return out.to(x2.dtype)
 
