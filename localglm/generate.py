@@ -285,14 +285,8 @@ def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: Gene
         piece, emitted = text[emitted:end], end
         return _response(piece, token, finish, prompt, n, t0, t_first)
 
-    processors, recorder, pending = [], None, []
-    if gen.logprobs is not None:
-        recorder = LogprobRecorder(gen.logprobs)
-        processors.append(recorder)
-    if gen.json_object:
-        from .json_mode import JSONObjectProcessor
-
-        processors.append(JSONObjectProcessor(tokenizer, len(prompt)))
+    processors, recorder = _processors(gen, tokenizer, len(prompt))
+    pending = []  # logprobs of the tokens since the last response
 
     def with_logprobs(r: GenerationResponse) -> GenerationResponse:
         if recorder is not None:
@@ -320,6 +314,19 @@ def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: Gene
             return
     text += decoder.flush()
     yield with_logprobs(step(None, finish))
+
+
+def _processors(gen: GenerationConfig, tokenizer, prompt_len: int):
+    """The extra logits processors ``gen`` asks for, and the logprob recorder among them."""
+    processors, recorder = [], None
+    if gen.logprobs is not None:  # first: the log-probabilities are the model's own
+        recorder = LogprobRecorder(gen.logprobs)
+        processors.append(recorder)
+    if gen.json_object:
+        from .json_mode import JSONObjectProcessor
+
+        processors.append(JSONObjectProcessor(tokenizer, prompt_len))
+    return processors, recorder
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:
