@@ -8,7 +8,8 @@ import sys
 
 from ..generate import GenerationConfig
 
-_SKIP = {"do_sample", "stop"}  # do_sample follows --temperature; stop is API-only
+# do_sample follows --temperature; the others are API-only
+_SKIP = {"do_sample", "stop", "logprobs", "json_object"}
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
