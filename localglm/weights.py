@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -170,13 +171,47 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def map_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file as views of a private memory map of it: no copy is
+    made, pages come from the page cache as they are first used (and are shared with other
+    processes that map the same file), and a tensor written to gets its own pages."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        start, end = info["data_offsets"]
+        shape = info["shape"]
+        if dtype is None:
+            raise ModelFormatError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        if base + end > size or end - start != math.prod(shape) * dtype.itemsize:
+            raise ModelFormatError(f"{path}: tensor {name} lies outside the file; the file is "
+                                   "truncated or corrupted: download it again")
+        if end == start:
+            yield name, torch.empty(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize,
+                             offset=base + start)
+        yield name, t.view(shape)
+
+
 def read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one checkpoint file, memory-mapped; pickles only with weights_only=True."""
     try:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, f.get_tensor(name)
+            yield from map_safetensors(path)
             return
         state = _load_pickle(path)
     except Exception as e:
@@ -289,6 +324,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     from . import quantize
     from .loader import stored_quantization
     from .model import ChatGLMModel
+    from .quantize.embedding import use_quantized_head
 
     with torch.device("meta"):
         model = ChatGLMModel(cfg)
@@ -296,6 +332,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if stored is not None:
         bits, group = stored
         quantize.make_quantized_skeleton(model, bits, group, "localglm" if group else "official")
+    if cfg.quantization_head_bits:
+        use_quantized_head(model)
     return {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
 
 

@@ -304,3 +304,27 @@ def test_non_tensor_in_a_checkpoint(model_copy):
     torch.save(state, f)
     assert check_model_dir(model_copy).problems == [
         f"{f}: step is not a tensor; is this a model checkpoint?"]
+
+
+def test_safetensors_are_mapped_not_copied(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from localglm.errors import ModelFormatError
+    from localglm.weights import map_safetensors
+
+    src = {"a": torch.arange(12, dtype=torch.int8).view(3, 4),
+           "b": torch.randn(5).bfloat16(), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "m.safetensors"
+    save_file(src, str(path))
+    mapped = dict(map_safetensors(path))
+    want = load_file(str(path))
+    assert mapped.keys() == want.keys()
+    for k in want:
+        assert mapped[k].dtype == want[k].dtype and torch.equal(mapped[k], want[k])
+    # a view of the mapping, private: writing to it leaves the file as it was
+    assert not mapped["a"].untyped_storage().resizable()
+    mapped["a"][0, 0] = 100
+    assert torch.equal(load_file(str(path))["a"], src["a"])
+    path.write_bytes(path.read_bytes()[:-10])  # truncated
+    with pytest.raises(ModelFormatError, match="outside the file"):
+        dict(map_safetensors(path))
