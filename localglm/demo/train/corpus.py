@@ -1,10 +1,11 @@
 """The demo's training dialogues: hand-written intents expanded into chat examples.
 
-``corpus.json`` holds, per intent and language, several phrasings of one question and one
-answer. ``examples`` turns them into single-round examples (with light rewording: greetings in
-front, no question mark, lower case) and multi-round ones whose history holds other intents, in
-the official ``[Round N]\\n问：...\\n答：`` prompt, so the model learns to answer the last
-question whatever came before it.
+``corpus.json`` holds, per intent and language, several phrasings of one question, a few
+topics (short verb phrases that the shared question frames turn into more questions: "How can
+I {topic}?", "怎么{topic}？") and one answer. ``examples`` turns them into single-round examples
+(with light rewording: an opener in front, no question mark, lower case, a word left out) and
+multi-round ones whose history holds other intents, in the official ``[Round N]\\n问：...\\n答：``
+prompt, so the model learns to answer the last question whatever came before it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Intent:
     name: str
     questions: dict[str, tuple[str, ...]]  # language -> phrasings
     answers: dict[str, str]  # language -> the answer
+    topics: dict[str, tuple[str, ...]]  # language -> verb phrases for the question frames
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Example:
 
 def load_intents(path: Path = CORPUS) -> list[Intent]:
     """The intents of ``corpus.json``; every intent must have both languages."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _read(path)
     intents = []
     for item in data["intents"]:
         missing = [lang for lang in LANGS if not item.get(lang, {}).get("questions")]
@@ -51,28 +53,47 @@ def load_intents(path: Path = CORPUS) -> list[Intent]:
         intents.append(Intent(
             item["name"],
             {lang: tuple(item[lang]["questions"]) for lang in LANGS},
-            {lang: item[lang]["answer"] for lang in LANGS}))
+            {lang: item[lang]["answer"] for lang in LANGS},
+            {lang: tuple(item[lang].get("topics", ())) for lang in LANGS}))
     return intents
 
 
-def questions(intents: list[Intent]) -> set[str]:
-    """Every question phrasing of the corpus, as written."""
-    return {q for it in intents for lang in LANGS for q in it.questions[lang]}
+def load_frames(path: Path = CORPUS) -> dict[str, tuple[str, ...]]:
+    """Question frames per language, each with one ``{}`` for a topic."""
+    return {lang: tuple(f) for lang, f in _read(path)["frames"].items()}
 
 
-def texts(intents: list[Intent]) -> list[str]:
-    """All questions and answers (what the tokenizer is trained on)."""
-    out = []
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def questions(intents: list[Intent], frames: dict | None = None) -> set[str]:
+    """Every question the corpus can ask before rewording: phrasings and framed topics."""
+    frames = load_frames() if frames is None else frames
+    out = {q for it in intents for lang in LANGS for q in it.questions[lang]}
+    out |= {f.format(t) for it in intents for lang in LANGS
+            for t in it.topics[lang] for f in frames[lang]}
+    return out
+
+
+def texts(intents: list[Intent], frames: dict | None = None) -> list[str]:
+    """All questions, topics, frames and answers (what the tokenizer is trained on)."""
+    frames = load_frames() if frames is None else frames
+    out = [f.replace("{}", " ") for lang in LANGS for f in frames[lang]]
     for it in intents:
         for lang in LANGS:
-            out += it.questions[lang]
+            out += it.questions[lang] + it.topics[lang]
             out.append(it.answers[lang])
     return out
 
 
 def reword(question: str, lang: str, rng: random.Random) -> str:
     """A light variant: an opener in front, the question mark dropped, or lower case."""
-    kind = rng.randrange(4)
+    kind = rng.randrange(5)
+    words = question.split()
+    if kind == 4 and lang == "en" and len(words) >= 5:  # a word left out: rely on the rest
+        del words[rng.randrange(1, len(words) - 1)]
+        return " ".join(words)
     if kind == 0:
         prefixes = _EN_PREFIXES if lang == "en" else _ZH_PREFIXES
         first = question[0].lower() + question[1:] if lang == "en" else question
@@ -97,13 +118,25 @@ def single_round(intents: list[Intent], rng: random.Random, variants: int) -> li
     return out
 
 
-def multi_round(intents: list[Intent], rng: random.Random, per_question: int,
+def framed(intents: list[Intent], frames: dict, rng: random.Random,
+           per_topic: int) -> list[Example]:
+    """Each topic in ``per_topic`` randomly chosen frames of its language."""
+    out = []
+    for it in intents:
+        for lang in LANGS:
+            for topic in it.topics[lang]:
+                for f in rng.sample(frames[lang], per_topic):
+                    out.append(Example(f.format(topic), it.answers[lang]))
+    return out
+
+
+def multi_round(intents: list[Intent], rng: random.Random, share: float,
                 max_history: int = 2) -> list[Example]:
-    """Each phrasing asked after 1..max_history earlier rounds about other intents."""
+    """A ``share`` of the phrasings asked after 1..max_history earlier rounds of any intent."""
     pool = [(it, lang, q) for it in intents for lang in LANGS for q in it.questions[lang]]
     out = []
     for it, lang, q in pool:
-        for _ in range(per_question):
+        if rng.random() < share:
             history = []
             for _ in range(rng.randint(1, max_history)):
                 other, olang, oq = rng.choice(pool)
@@ -112,10 +145,12 @@ def multi_round(intents: list[Intent], rng: random.Random, per_question: int,
     return out
 
 
-def examples(intents: list[Intent], seed: int, variants: int = 2,
-             per_question: int = 1) -> list[Example]:
-    """One epoch's examples, shuffled; a new seed gives new rewordings and histories."""
+def examples(intents: list[Intent], seed: int, variants: int = 1, per_topic: int = 2,
+             multi_share: float = 0.5, frames: dict | None = None) -> list[Example]:
+    """One epoch's examples, shuffled; a new seed gives new rewordings, frames and histories."""
     rng = random.Random(seed)
-    out = single_round(intents, rng, variants) + multi_round(intents, rng, per_question)
+    frames = load_frames() if frames is None else frames
+    out = (single_round(intents, rng, variants) + framed(intents, frames, rng, per_topic)
+           + multi_round(intents, rng, multi_share))
     rng.shuffle(out)
     return out

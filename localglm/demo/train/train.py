@@ -33,8 +33,7 @@ from ...tokenizer import ChatGLMTokenizer
 from .. import MODEL_DIR
 from . import corpus, spm
 
-# Written by the training script; the official keys, small dims.
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # official tensor names, float16
 
 
 @dataclass
@@ -47,15 +46,17 @@ class DemoConfig:
     num_layers: int = 4
     num_attention_heads: int = 6  # head_dim 32: two 16-wide rotary halves (2-D positions)
     max_sequence_length: int = 2048
-    epochs: int = 24
+    epochs: int = 20
     lr: float = 2e-3
     min_lr_factor: float = 0.05  # cosine decay ends at lr * this
     warmup_steps: int = 100
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
     batch_tokens: int = 6144  # padded tokens per optimizer step
     init_std: float = 0.02
-    variants: int = 2  # rewordings of each question per epoch
-    multi_round: int = 1  # multi-round examples per question per epoch
+    variants: int = 1  # rewordings of each phrasing per epoch
+    per_topic: int = 2  # question frames each topic is put in per epoch
+    multi_share: float = 0.5  # share of the phrasings also asked after earlier rounds
+    noise: float = 0.0  # share of single-round questions with 1-2 tokens dropped/swapped/added
     threads: int = 1  # one thread: fastest per core on a shared machine, and reproducible
 
 
@@ -94,10 +95,33 @@ def init_weights(model: ChatGLMModel, std: float) -> None:
 
 
 def encode_epoch(tok, intents, cfg: DemoConfig, epoch: int) -> list[data.Encoded]:
-    exs = corpus.examples(intents, cfg.seed + epoch, cfg.variants, cfg.multi_round)
+    exs = corpus.examples(intents, cfg.seed + epoch, cfg.variants, cfg.per_topic,
+                          cfg.multi_share)
     limits = data.Limits(max_seq_len=cfg.max_sequence_length)
-    return [data.encode(tok, data.Example(e.query, e.answer, list(e.history)), limits)
-            for e in exs]
+    rng = random.Random(cfg.seed * 1000 + epoch)
+    out = []
+    for e in exs:
+        enc = data.encode(tok, data.Example(e.query, e.answer, list(e.history)), limits)
+        if not e.history and rng.random() < cfg.noise:
+            enc = add_noise(enc, rng, range(5, tok.mask_id))
+        out.append(enc)
+    return out
+
+
+def add_noise(enc: data.Encoded, rng: random.Random, pieces: range) -> data.Encoded:
+    """Drop, replace or insert 1-2 question tokens, so that a word the model never saw (or a
+    missing one) does not decide the answer on its own."""
+    question = enc.ids[:enc.context - 1]  # the prompt before [gMASK]
+    for _ in range(rng.randint(1, 2)):
+        op, i = rng.randrange(3), rng.randrange(len(question) + 1)
+        if op == 0 and len(question) > 2 and i < len(question):
+            del question[i]
+        elif op == 1 and i < len(question):
+            question[i] = rng.choice(pieces)
+        else:
+            question.insert(i, rng.choice(pieces))
+    ids = question + enc.ids[enc.context - 1:]
+    return data.Encoded(ids, len(question) + 1, enc.truncated)
 
 
 def batches(encoded: list[data.Encoded], budget: int, rng: random.Random):
