@@ -239,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="stop early (for timing)")
     p.add_argument("--threads", type=int, default=DemoConfig.threads,
                    help="torch threads (default: 1)")
+    p.add_argument("--noise", type=float, default=DemoConfig.noise,
+                   help="share of single-round questions with 1-2 tokens dropped, swapped or "
+                   f"added (default: {DemoConfig.noise})")
     args = p.parse_args(argv)
-    cfg = DemoConfig(epochs=args.epochs, threads=args.threads)
+    cfg = DemoConfig(epochs=args.epochs, threads=args.threads, noise=args.noise)
     meta = build(cfg, args.output, args.max_steps, log=lambda s: print(s, flush=True))
     size = (args.output / WEIGHTS_FILE).stat().st_size
     print(f"wrote {args.output} ({size / 2**20:.1f} MiB of weights) in "
