@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import quantize, weights
+from . import demo, quantize, weights
 from .config import ModelConfig
 from .convert import dequantize_head, quantize_head, quantize_stream
 from .engine import LocalGLM
@@ -80,6 +80,8 @@ def load(
 ) -> LocalGLM:
     """Load a ChatGLM-6B model directory (or a model id already in the Hugging Face cache).
 
+    ``"demo"`` is the small built-in model that answers questions about localglm.
+
     precision: "float32", "bfloat16", "float16", "int8", "int4", or "auto": the most precise
     that fits the device's free memory with headroom (see ``localglm doctor``).
     device: "auto" (CUDA > MPS > CPU), "cpu", "cuda", "cuda:N" or "mps".
@@ -91,7 +93,7 @@ def load(
     (0 = one scale per row, the official int4 recipe). adapter: a LoRA adapter directory
     (PEFT format) applied on top of the weights.
     """
-    model_dir = weights.resolve_model_path(path)
+    model_dir = demo.MODEL_DIR if demo.is_demo(path) else weights.resolve_model_path(path)
     weights.validate_model_dir(model_dir)  # every problem at once, before reading the weights
     cfg = ModelConfig.from_file(model_dir / "config.json")
     tokenizer = ChatGLMTokenizer.from_dir(model_dir)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..chat import normalize_history
+from ..demo import NAME as DEMO
 from ..engine import CHAT_DEFAULTS
 from ..errors import LocalGLMError
 from .common import add_generation_arguments, add_model_arguments, generation_kwargs, load_from_args
@@ -26,7 +27,7 @@ HOLD = set(",!:;?") | set(" \t\n")  # may still change once the next character i
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, default=DEMO)
     p.add_argument("-p", "--prompt", default=None,
                    help="answer this prompt once and exit ('-' or a pipe reads stdin)")
     p.add_argument("--history", default=None, metavar="FILE",

@@ -12,9 +12,13 @@ from ..generate import GenerationConfig
 _SKIP = {"do_sample", "stop", "logprobs", "json_object"}
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="model directory or Hugging Face model id (from the local cache)")
+def add_model_arguments(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """MODEL and the options that say how to load it; with ``default``, MODEL is optional."""
+    optional = {"nargs": "?", "default": default} if default else {}
+    p.add_argument("model", metavar="MODEL", **optional,
+                   help="model directory or Hugging Face model id (from the local cache); "
+                   "'demo' is the small built-in model" +
+                   (f" (default: {default})" if default else ""))
     p.add_argument("--precision", default="auto",
                    choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
                    help="weight precision (default: auto, chosen from the checkpoint and the "
@@ -57,8 +61,11 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def load_from_args(args: argparse.Namespace, **extra):
+    from ..demo import NOTICE, is_demo
     from ..loader import load
 
+    if is_demo(args.model):
+        print(NOTICE, file=sys.stderr, flush=True)
     model = load(args.model, precision=args.precision, device=args.device,
                  compute_dtype=args.compute_dtype, max_context=args.max_context,
                  ptuning=args.ptuning, adapter=args.adapter, devices=args.devices,
