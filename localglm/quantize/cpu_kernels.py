@@ -190,6 +190,58 @@ if HAVE_NUMBA:
 
         return sig, codegen
 
+    def _load_bf16(builder, ptr, idx):
+        """float32 value of the bfloat16 bits at ptr[idx] (ptr: i16*)."""
+        u = builder.zext(builder.load(builder.gep(ptr, [idx])), _I32)
+        return builder.bitcast(builder.shl(u, ir.Constant(_I32, 16)), _F32)
+
+    @intrinsic
+    def _int4_row_grouped(typingctx, w_addr, x_addr, s_addr, z_addr, dx_addr, xs_addr,
+                          nblocks, cpb):
+        """One row of localglm int4 whose groups are the activation blocks (group 64/128):
+        sum_g dx_g * s_g * dot_g + (z_g - 8 s_g) * xs_g, with the scale and zero of each
+        group read in the same pass as its nibbles (no per-row prologue)."""
+        sig = types.float32(types.uint64, types.uint64, types.uint64, types.uint64,
+                            types.uint64, types.uint64, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            w_a, x_a, s_a, z_a, dx_a, xs_a, nb, cpb_ = args
+            wp, xp = _ptr(builder, w_a, _V32I8), _ptr(builder, x_a, _V32I8)
+            sp, zp = _ptr(builder, s_a, _I16), _ptr(builder, z_a, _I16)
+            dxp, xsp = _ptr(builder, dx_a, _F32), _ptr(builder, xs_a, _F32)
+            zero = ir.Constant(_V8I32, [0] * 8)
+            accf = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8))
+            bias = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+            acc_h = cgutils.alloca_once_value(builder, zero)
+            acc_l = cgutils.alloca_once_value(builder, zero)
+            with cgutils.for_range(builder, nb) as lb:
+                b = lb.index
+                builder.store(zero, acc_h)
+                builder.store(zero, acc_l)
+                with cgutils.for_range(builder, cpb_) as lc:
+                    c = builder.add(builder.mul(b, cpb_), lc.index)
+                    hi, lo = _nibbles(builder, builder.load(builder.gep(wp, [c]), align=1),
+                                      ir.Constant(_I8, 0))
+                    c2 = builder.shl(c, ir.Constant(_I64, 1))
+                    xh = builder.load(builder.gep(xp, [c2]), align=1)
+                    xl = builder.load(builder.gep(xp, [builder.add(c2, ir.Constant(_I64, 1))]),
+                                      align=1)
+                    builder.store(_dot(builder, hi, xh, builder.load(acc_h)), acc_h)
+                    builder.store(_dot(builder, lo, xl, builder.load(acc_l)), acc_l)
+                sg = _load_bf16(builder, sp, b)
+                zg = _load_bf16(builder, zp, b)
+                dx = builder.load(builder.gep(dxp, [b]))
+                xs = builder.load(builder.gep(xsp, [b]))
+                tot = builder.add(builder.load(acc_h), builder.load(acc_l))
+                f = _splat(builder, builder.fmul(dx, sg), 8)
+                builder.store(_fma(builder, builder.sitofp(tot, _V8F32), f,
+                                   builder.load(accf)), accf)
+                zc = builder.fsub(zg, builder.fmul(ir.Constant(_F32, 8.0), sg))
+                builder.store(builder.fadd(builder.load(bias), builder.fmul(zc, xs)), bias)
+            return builder.fadd(_hsum(builder, builder.load(accf)), builder.load(bias))
+
+        return sig, codegen
+
     @intrinsic
     def _int4_row_halves(typingctx, w_addr, x_addr, f_addr, nchunks, xor):
         """Like _int4_row_blocks with one factor per 32 columns (groups of 32): in a chunk,
@@ -346,6 +398,15 @@ if HAVE_NUMBA:
         blk = k // nb  # activation block: 32 (group 32) or 64/128
         per_group = group // blk
         wa, xa = w.ctypes.data, xq.ctypes.data
+        if per_group == 1 and blk >= 64:  # one activation block per group: a single pass
+            sa, za, dxa, xsa = s.ctypes.data, z.ctypes.data, dx.ctypes.data, xs.ctypes.data
+            for t in prange((n + _ROWS - 1) // _ROWS):
+                for r in range(t * _ROWS, min(n, t * _ROWS + _ROWS)):
+                    for m in range(m_rows):
+                        out[m, r] = _int4_row_grouped(
+                            wa + r * half, xa + m * k, sa + r * nb * 2, za + r * nb * 2,
+                            dxa + m * nb * 4, xsa + m * nb * 4, nb, blk // 64)
+            return
         for t in prange((n + _ROWS - 1) // _ROWS):
             f = np.empty(nb, np.float32)
             fa = f.ctypes.data
