@@ -15,7 +15,7 @@ from . import chat as chatfmt
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import LocalGLMError
-from .generate import GenerationConfig, GenerationResponse, new_cache
+from .generate import GenerationConfig, GenerationResponse, generate_step, new_cache
 from .generate import generate as _generate
 from .generate import stream_generate as _stream_generate
 from .model import AttentionLayout, ChatGLMModel
@@ -66,8 +66,10 @@ class LocalGLM:
         self.choice = choice  # why this precision was picked (precision="auto")
         self.max_context = max_context or self.config.max_sequence_length
         self.device = self.model.transformer.word_embeddings.weight.device
-        self._lock = threading.RLock()  # one generation at a time owns the cache
-        self._cache: KVCache | None = None
+        # One model call at a time (several threads may stream): each generation owns its KV
+        # cache, so the lock is taken per step, never held while a stream is suspended.
+        self._lock = threading.RLock()
+        self._cache: KVCache | None = None  # the session cache, lent to one generation at once
 
     def describe(self) -> str:
         """One line for start-up: what runs where, and why."""
@@ -82,6 +84,46 @@ class LocalGLM:
         if self._cache is None:
             self._cache = new_cache(self.model, batch_size, self.max_context, self.dtype)
         return self._cache
+
+    def reset_cache(self) -> None:
+        """Drop the session's KV cache; the next generation allocates a new one.
+
+        Call it after changing what the cache must hold (e.g. a P-Tuning prefix was added), or
+        to give its memory back. A generation still running keeps the cache it started with.
+        """
+        with self._lock:
+            self._cache = None
+
+    def _free_cache(self) -> KVCache:
+        """The session cache if no unfinished generation holds it, else a cache of its own
+        (two streams consumed in turns on one thread must not share keys)."""
+        cache = self.cache()
+        if cache.busy:
+            cache = new_cache(self.model, 1, self.max_context, self.dtype)
+        return cache
+
+    def _locked(self, steps: Iterator) -> Iterator:
+        """Run each step of ``steps`` under the model lock, released while the caller waits."""
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        item = next(steps)
+                    except StopIteration:
+                        return
+                yield item
+        finally:
+            with self._lock:
+                steps.close()  # releases the generation's cache
+
+    def _solo_tokens(self, ids: list[int], gen: GenerationConfig) -> Iterator[int]:
+        """Token ids of one prompt generated alone; the cache is picked when it starts."""
+        def steps():
+            cache = self._free_cache()  # runs under the lock, with the first step
+            for token in generate_step(self.model, [ids], gen, cache, self.dtype,
+                                       self.tokenizer.vocab_size):
+                yield int(token[0])
+        return self._locked(steps())
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
@@ -120,7 +162,7 @@ class LocalGLM:
         prompts = [list(ids)] if single else [list(p) for p in ids]
         with self._lock:
             if len(prompts) == 1:
-                out = _generate(self.model, prompts, cfg, self.cache(), self.dtype,
+                out = _generate(self.model, prompts, cfg, self._free_cache(), self.dtype,
                                 self.tokenizer.vocab_size)
             else:
                 longest = max(len(p) for p in prompts)
@@ -135,9 +177,12 @@ class LocalGLM:
                         **kwargs) -> Iterator[GenerationResponse]:
         """Yield ``GenerationResponse`` steps (text deltas) for one prompt."""
         gen = gen or make_generation_config(**kwargs)
-        with self._lock:
-            yield from _stream_generate(self.model, self.tokenizer, list(ids), gen,
-                                        self.cache(), self.dtype)
+        ids = list(ids)
+        tokens = self._solo_tokens(ids, gen)
+        try:
+            yield from _stream_generate(self.model, self.tokenizer, ids, gen, tokens=tokens)
+        finally:
+            tokens.close()
 
     # -- chat ------------------------------------------------------------------------------
     def chat_stream(self, query: str, history=None, gen: GenerationConfig | None = None,
