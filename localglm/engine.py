@@ -151,34 +151,47 @@ class LocalGLM:
             return self.model(batch.ids, batch.pos, cache, layout, return_hidden=True)[0].float()
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, ids, **gen) -> list[int] | list[list[int]]:
+    def batch(self, max_batch: int = 4, prefill_tokens: int = 256, on_change=None):
+        """A ``ContinuousBatch`` on this model: up to ``max_batch`` sequences decode together
+        (see ``localglm.batch``); pass it to ``stream_generate``/``chat_stream``."""
+        from .batch import ContinuousBatch
+
+        return ContinuousBatch(self.model, self.dtype, max_batch, self.max_context,
+                               self.tokenizer.vocab_size, prefill_tokens, self._lock, on_change)
+
+    def generate(self, ids, max_batch: int = 8, **gen) -> list[int] | list[list[int]]:
         """New token ids (ending with <eop> if generation stopped there).
 
-        ``ids`` is one prompt (list of ints) or a batch (list of lists); a batch returns, for
-        each prompt, exactly the tokens it gets alone.
+        ``ids`` is one prompt (list of ints) or a batch (list of lists). A batch is generated
+        with continuous batching, ``max_batch`` sequences at a time, and returns for each
+        prompt exactly the tokens it gets alone (greedy, or sampled with the same seed).
         """
         cfg = gen if isinstance(gen, GenerationConfig) else make_generation_config(**gen)
         single = bool(ids) and isinstance(ids[0], int)
         prompts = [list(ids)] if single else [list(p) for p in ids]
-        with self._lock:
-            if len(prompts) == 1:
-                out = _generate(self.model, prompts, cfg, self._free_cache(), self.dtype,
-                                self.tokenizer.vocab_size)
-            else:
-                longest = max(len(p) for p in prompts)
-                cache = new_cache(self.model, len(prompts),
-                                  min(self.max_context, longest + max(cfg.budget(1), 1)),
-                                  self.dtype)
-                out = _generate(self.model, prompts, cfg, cache, self.dtype,
-                                self.tokenizer.vocab_size)
-        return out[0] if single else out
+        if single:
+            with self._lock:
+                return _generate(self.model, prompts, cfg, self._free_cache(), self.dtype,
+                                 self.tokenizer.vocab_size)[0]
+        batch = self.batch(min(max_batch, max(len(prompts), 1)))
+        seqs = [batch.submit(p, cfg) for p in prompts]
+        batch.run()
+        for seq in seqs:
+            if seq.error is not None:
+                raise seq.error
+        return [seq.output for seq in seqs]
 
     def stream_generate(self, ids: list[int], gen: GenerationConfig | None = None,
-                        **kwargs) -> Iterator[GenerationResponse]:
-        """Yield ``GenerationResponse`` steps (text deltas) for one prompt."""
+                        batch=None, **kwargs) -> Iterator[GenerationResponse]:
+        """Yield ``GenerationResponse`` steps (text deltas) for one prompt.
+
+        batch: a ``ContinuousBatch`` (``LocalGLM.batch``) to decode in, next to other
+        sequences; by default the prompt is generated alone.
+        """
         gen = gen or make_generation_config(**kwargs)
         ids = list(ids)
-        tokens = self._solo_tokens(ids, gen)
+        tokens = iter(batch.submit(ids, gen)) if batch is not None else \
+            self._solo_tokens(ids, gen)
         try:
             yield from _stream_generate(self.model, self.tokenizer, ids, gen, tokens=tokens)
         finally:
@@ -186,15 +199,17 @@ class LocalGLM:
 
     # -- chat ------------------------------------------------------------------------------
     def chat_stream(self, query: str, history=None, gen: GenerationConfig | None = None,
-                    **kwargs) -> Iterator[ChatStep]:
-        """Stream one chat round; old rounds that do not fit the context budget are dropped."""
+                    batch=None, **kwargs) -> Iterator[ChatStep]:
+        """Stream one chat round; old rounds that do not fit the context budget are dropped.
+
+        batch: a ``ContinuousBatch`` to answer in (see ``stream_generate``)."""
         gen = gen or make_generation_config(CHAT_DEFAULTS, **kwargs)
         history = chatfmt.normalize_history(history)
         budget = min(self.max_context, gen.max_length or self.max_context)
         reserve = gen.max_new_tokens if gen.max_new_tokens is not None else 1
         fitted = chatfmt.fit_prompt(self.tokenizer, query, history, budget, reserve)
         raw = ""
-        for step in self.stream_generate(fitted.ids, gen):
+        for step in self.stream_generate(fitted.ids, gen, batch=batch):
             raw += step.text
             response = chatfmt.process_response(raw)
             new_history = history + [(query, response)]

@@ -25,9 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; '*' for any). "
                    "Default: none")
+    s.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="answers generated together in one continuous batch; each needs a "
+                   "KV cache of the full context (default: as many as fit in half the free "
+                   "memory, at most 4)")
     s.add_argument("--queue-size", type=int, default=16,
-                   help="requests that may wait while one is answered; more get HTTP 429 "
-                   "(default: 16)")
+                   help="requests that may wait while --parallel are answered; more get "
+                   "HTTP 429 (default: 16)")
     s.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
                    help="largest request body accepted (default: 1 MiB)")
     s.add_argument("--no-webui", action="store_true", help="serve the API only")
@@ -39,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise LocalGLMError(f"--port must be in 1..65535, not {args.port}")
+    if args.parallel is not None and args.parallel < 1:
+        raise LocalGLMError("--parallel must be at least 1")
     if args.queue_size < 1:
         raise LocalGLMError("--queue-size must be at least 1")
     if args.max_body < 1024:
@@ -59,7 +65,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host}: anyone who can reach this computer can use "
               "the model" + ("" if args.api_key else "; consider --api-key"), file=sys.stderr)
     model = load_from_args(args)
-    worker = EngineWorker(model, queue_size=args.queue_size).start()
+    if args.parallel is None:
+        from ..batch import default_parallel
+
+        args.parallel = default_parallel(model)
+    worker = EngineWorker(model, queue_size=args.queue_size, parallel=args.parallel).start()
     try:
         app = create_app(worker, api_key=args.api_key, cors_origins=args.cors_origin,
                          max_body_bytes=args.max_body, webui=not args.no_webui)
@@ -77,7 +87,7 @@ def _banner(args: argparse.Namespace, worker, app) -> None:
     lines = [
         f"localglm: {worker.model.describe()}",
         f"  model '{worker.model_name}', context {worker.max_context} tokens, "
-        f"queue {args.queue_size}",
+        f"{args.parallel} answer(s) at once, queue {args.queue_size}",
         f"  OpenAI API   {base}/v1   (model '{worker.model_name}')",
         f"  api.py       POST {base}/",
     ]
