@@ -214,7 +214,9 @@ class EngineWorker:
         with self._lock:
             if self._closing:
                 raise WorkerClosedError("the server is shutting down")
-            if len(self._pending) >= self.queue_size:
+            # jobs about to take a free slot are not waiting
+            free = max(0, self.parallel - len(self._running))
+            if len(self._pending) >= self.queue_size + free:
                 raise QueueFullError(
                     f"the server is busy: {len(self._pending)} request(s) are already waiting "
                     f"(queue size {self.queue_size}); retry shortly")
