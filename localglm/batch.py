@@ -241,17 +241,25 @@ class ContinuousBatch:
             return
         seq.row = len(self.rows)
         self.rows.append(seq)
+        try:
+            self._start_prefill(seq)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails
+            self.rows.pop()
+            seq._prefill, seq.row = None, None
+            seq._finish(e)
+
+    def _start_prefill(self, seq: Sequence) -> None:
         n = len(seq.prompt)
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
         pos = torch.tensor([seq.info.positions(0, n)], dtype=torch.long,
                            device=self.device)  # (1, 2, T)
         layout = AttentionLayout(0, self.prefix + n, self.prefix, context=[seq.info.context])
-        x, rope = self.model.embed(ids, pos, self.dtype)
-        seq._prefill = (x, rope, layout, 0)
         self.cache.reserve(self.prefix + n + 1)
         if self.prefix:
             self.cache.rows(seq.row, seq.row + 1).load_prefix(
                 self.model.prefix_kv(1, self.dtype))
+        x, rope = self.model.embed(ids, pos, self.dtype)
+        seq._prefill = (x, rope, layout, 0)
 
     def _prefill_some(self, seq: Sequence, others_running: bool) -> None:
         """Run the joining prompt through some layers (all of them if nobody waits)."""

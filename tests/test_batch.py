@@ -208,3 +208,24 @@ def test_16_bit_activations_agree_until_a_near_tie(tiny_dir, prompts):
     same = [next((i for i, (a, b) in enumerate(zip(w, g, strict=False)) if a != b),
                  min(len(w), len(g))) for w, g in zip(want, got, strict=True)]
     assert all(n >= 1 for n in same) and sum(same) >= 0.5 * sum(map(len, want)), same
+
+
+def test_a_failing_prefill_ends_only_its_own_sequence(tiny, prompts, monkeypatch):
+    batch = tiny.batch(3)
+    ok = batch.submit(prompts[0], config(max_new_tokens=6))
+    batch.step()
+    real_embed = tiny.model.embed
+
+    def failing_embed(ids, pos, dtype):
+        if ids.shape[1] == len(prompts[1]):
+            raise RuntimeError("out of memory")
+        return real_embed(ids, pos, dtype)
+
+    monkeypatch.setattr(tiny.model, "embed", failing_embed)
+    bad = batch.submit(prompts[1], config(max_new_tokens=6))
+    later = batch.submit(prompts[2], config(max_new_tokens=6))
+    batch.run()
+    monkeypatch.undo()
+    assert str(bad.error) == "out of memory" and bad.output == []
+    assert [ok.output, later.output] == solo(tiny, [prompts[0], prompts[2]],
+                                             [{"max_new_tokens": 6}] * 2)
