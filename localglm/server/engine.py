@@ -2,7 +2,7 @@
 
 Every request (API or web UI) becomes a ``Job`` that waits its turn in the queue. Up to
 ``parallel`` jobs run at once: each runs on a thread of its own (turning tokens into text and
-steps), while the worker thread alone calls the model, decoding all running answers together
+steps), while the worker thread runs the model for all of them, decoding the running answers
 in one continuous batch (``localglm.batch``). A new request joins the running batch at the
 next step, and a finished or cancelled one leaves it without stopping the others. With
 ``parallel=1`` requests are answered strictly one after another. Requesters consume a job
@@ -42,7 +42,7 @@ class WorkerClosedError(LocalGLMError):
 
 
 class Job:
-    """One request's generation: created by ``EngineWorker.submit``, run by the worker thread.
+    """One request's generation: created by ``EngineWorker.submit``, run on a thread of its own.
 
     Iterate it (``for`` or ``async for``) to receive the steps the worker produces; an error
     raised by the generation is re-raised to the consumer. Iteration ends early, without an
