@@ -117,9 +117,11 @@ def run(model: ChatGLMModel, dtype, levels: list[int], prompt_tokens: int = 32,
         log(f"{n} stream(s) of {prompt_tokens}-token prompts, {new_tokens} new tokens each...")
         res.levels.append(concurrency(model, dtype, n, prompt_tokens, new_tokens,
                                       prefill_tokens))
+        log(f"  {res.levels[-1]}")  # each result as soon as it is known
     if join_tokens:
         log(f"a {join_tokens}-token prompt joins a running stream...")
         res.join = join_gap(model, dtype, join_tokens, prefill_tokens)
+        log(f"  {res.join}")
     return res
 
 
