@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -124,15 +125,18 @@ class ContinuousBatch:
     """Runs many sequences of one model together; see the module docstring.
 
     max_batch: sequences decoding at once (each has a KV-cache row of up to ``max_len``
-    tokens). prefill_tokens: prompt tokens × layers / num_layers to prefill per step while
-    others decode (a 1000-token prompt at 256 runs a quarter of the layers per step).
+    tokens). While others decode, a joining prompt runs layer by layer for about
+    ``prefill_ratio`` times the last decode step's duration per step (at least one layer), so
+    running streams wait at most ~(1 + prefill_ratio) decode steps or one prompt layer;
+    ``prefill_tokens`` instead fixes the work per step (prompt tokens × layers / num_layers:
+    a 1000-token prompt at 256 runs a quarter of the layers per step).
     lock: taken around every model call (``LocalGLM``'s, shared with its other users).
     """
 
     def __init__(self, model: ChatGLMModel, dtype: torch.dtype, max_batch: int = 4,
                  max_len: int | None = None, vocab_limit: int | None = None,
-                 prefill_tokens: int = 256, lock=None,
-                 on_change: Callable[[], None] | None = None):
+                 prefill_tokens: int | None = None, lock=None,
+                 on_change: Callable[[], None] | None = None, prefill_ratio: float = 2.0):
         if max_batch < 1:
             raise LocalGLMError(f"the batch size must be at least 1, not {max_batch}")
         self.model = model
@@ -141,6 +145,8 @@ class ContinuousBatch:
         self.max_len = max_len or model.config.max_sequence_length
         self.vocab_limit = vocab_limit
         self.prefill_tokens = prefill_tokens
+        self.prefill_ratio = prefill_ratio
+        self._decode_s = 0.0  # duration of the last decode step
         self.prefix = model.config.pre_seq_len or 0
         self.device = model.transformer.word_embeddings.weight.device
         self.cache = new_cache(model, max_batch, self.max_len, dtype)
@@ -266,9 +272,18 @@ class ContinuousBatch:
         x, rope, layout, first = seq._prefill
         layers = len(self.model.transformer.layers)
         n = len(seq.prompt)
-        per_step = max(1, layers * self.prefill_tokens // n) if others_running else layers
-        stop = min(layers, first + per_step)
         row = self.cache.rows(seq.row, seq.row + 1)
+        if not others_running:
+            stop = layers
+        elif self.prefill_tokens:
+            stop = min(layers, first + max(1, layers * self.prefill_tokens // n))
+        else:  # layers until this step's prefill has cost prefill_ratio decode steps
+            stop, t0 = first, time.perf_counter()
+            while stop < layers and (stop == first or time.perf_counter() - t0 <
+                                     self.prefill_ratio * self._decode_s):
+                x = self.model.blocks(x, rope, row, layout, stop, stop + 1)
+                stop += 1
+            first = stop
         x = self.model.blocks(x, rope, row, layout, first, stop)
         if stop < layers:
             seq._prefill = (x, rope, layout, stop)
@@ -288,10 +303,12 @@ class ContinuousBatch:
         longest = max(lengths)
         layout = AttentionLayout(longest - 1, self.prefix + longest, self.prefix,
                                  context=[s.info.context for s in seqs], lengths=lengths)
+        t0 = time.perf_counter()
         logits = self.model(tokens, pos, self.cache.rows(0, d), layout)[:, -1]  # (d, V)
         for b, seq in enumerate(seqs):
             seq.length += 1
             self._emit(seq, logits[b:b + 1])
+        self._decode_s = time.perf_counter() - t0  # tokens are on the CPU: the step is done
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
         token = int(seq.pick(logits)[0])

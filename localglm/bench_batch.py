@@ -24,6 +24,7 @@ class ConcurrencyResult:
     ttft_s_mean: float  # time to first token, from submission
     ttft_s_max: float
     worst_gap_s: float  # longest wait between two tokens of one stream
+    decode_step_s: float  # median step with every stream decoding (no prefill in it)
 
 
 @dataclass
@@ -49,20 +50,26 @@ def _prompt(cfg, n: int, salt: int) -> list[int]:
         cfg.gmask_token_id, cfg.bos_token_id]
 
 
-def _run(batch: ContinuousBatch, seqs, t0: float) -> dict:
-    """Step until done; the time each token of each sequence came out."""
+def _run(batch: ContinuousBatch, seqs) -> tuple[dict, list[float]]:
+    """Step until done: the time each token of each sequence came out, and the durations of
+    the steps in which every sequence decoded (no prefill)."""
     times = {id(s): [] for s in seqs}
+    full_steps = []
     while batch.has_work():
+        before = [len(s.output) for s in seqs]
+        t = time.perf_counter()
         batch.step()
         now = time.perf_counter()
+        if all(n and len(s.output) == n + 1 for n, s in zip(before, seqs, strict=True)):
+            full_steps.append(now - t)
         for s in seqs:
             times[id(s)] += [now] * (len(s.output) - len(times[id(s)]))
-    return times
+    return times, full_steps
 
 
 @torch.inference_mode()
 def concurrency(model: ChatGLMModel, dtype, streams: int, prompt_tokens: int,
-                new_tokens: int, prefill_tokens: int = 256) -> ConcurrencyResult:
+                new_tokens: int, prefill_tokens: int | None = None) -> ConcurrencyResult:
     """``streams`` greedy sequences submitted together, each producing ``new_tokens``."""
     cfg = model.config
     batch = ContinuousBatch(model, dtype, streams, prompt_tokens + new_tokens + 1,
@@ -70,19 +77,21 @@ def concurrency(model: ChatGLMModel, dtype, streams: int, prompt_tokens: int,
     gen = GenerationConfig(max_new_tokens=new_tokens)
     t0 = time.perf_counter()
     seqs = [batch.submit(_prompt(cfg, prompt_tokens, i), gen) for i in range(streams)]
-    times = _run(batch, seqs, t0)
+    times, full_steps = _run(batch, seqs)
     end = time.perf_counter()
     total = sum(len(t) for t in times.values())
     ttft = [t[0] - t0 for t in times.values()]
     speeds = [(len(t) - 1) / (t[-1] - t[0]) for t in times.values() if len(t) > 1 and
               t[-1] > t[0]]
     gaps = [b - a for t in times.values() for a, b in zip(t, t[1:], strict=False)]
+    full_steps.sort()
+    step = full_steps[len(full_steps) // 2] if full_steps else 0.0
     return ConcurrencyResult(streams, total / (end - t0), sum(speeds) / max(len(speeds), 1),
-                             sum(ttft) / len(ttft), max(ttft), max(gaps, default=0.0))
+                             sum(ttft) / len(ttft), max(ttft), max(gaps, default=0.0), step)
 
 
 @torch.inference_mode()
-def join_gap(model: ChatGLMModel, dtype, long_tokens: int, prefill_tokens: int = 256,
+def join_gap(model: ChatGLMModel, dtype, long_tokens: int, prefill_tokens: int | None = None,
              warm_tokens: int = 3) -> JoinResult:
     """One stream decodes; a ``long_tokens`` prompt joins. How long does the stream wait?"""
     cfg = model.config
@@ -108,7 +117,7 @@ def join_gap(model: ChatGLMModel, dtype, long_tokens: int, prefill_tokens: int =
 
 
 def run(model: ChatGLMModel, dtype, levels: list[int], prompt_tokens: int = 32,
-        new_tokens: int = 16, join_tokens: int = 1000, prefill_tokens: int = 256,
+        new_tokens: int = 16, join_tokens: int = 1000, prefill_tokens: int | None = None,
         log=print) -> BatchBench:
     """Every concurrency level in turn, then the join-gap measurement (unless 0 tokens)."""
     res = BatchBench(prompt_tokens, new_tokens)
@@ -128,11 +137,12 @@ def run(model: ChatGLMModel, dtype, levels: list[int], prompt_tokens: int = 32,
 def print_table(r: BatchBench) -> None:
     print(f"\ncontinuous batching: {r.prompt_tokens}-token prompts, {r.new_tokens} new tokens "
           "per stream, greedy")
-    print("  streams  aggregate tok/s  per-stream tok/s  TTFT mean/max s  worst gap s")
+    print("  streams  aggregate tok/s  per-stream tok/s  TTFT mean/max s  worst gap s  "
+          "all-decoding step s")
     for x in r.levels:
         print(f"  {x.streams:7d}  {x.aggregate_tokens_per_s:15.2f}  "
               f"{x.stream_tokens_per_s:16.2f}  {x.ttft_s_mean:7.2f}/{x.ttft_s_max:<7.2f}  "
-              f"{x.worst_gap_s:11.2f}")
+              f"{x.worst_gap_s:11.2f}  {x.decode_step_s:19.3f}")
     if r.join:
         j = r.join
         print(f"  a {j.prompt_tokens}-token prompt joining a running stream: its usual gap "

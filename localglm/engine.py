@@ -151,7 +151,7 @@ class LocalGLM:
             return self.model(batch.ids, batch.pos, cache, layout, return_hidden=True)[0].float()
 
     # -- generation ------------------------------------------------------------------------
-    def batch(self, max_batch: int = 4, prefill_tokens: int = 256, on_change=None):
+    def batch(self, max_batch: int = 4, prefill_tokens: int | None = None, on_change=None):
         """A ``ContinuousBatch`` on this model: up to ``max_batch`` sequences decode together
         (see ``localglm.batch``); pass it to ``stream_generate``/``chat_stream``."""
         from .batch import ContinuousBatch

@@ -229,3 +229,23 @@ def test_a_failing_prefill_ends_only_its_own_sequence(tiny, prompts, monkeypatch
     assert str(bad.error) == "out of memory" and bad.output == []
     assert [ok.output, later.output] == solo(tiny, [prompts[0], prompts[2]],
                                              [{"max_new_tokens": 6}] * 2)
+
+
+def test_a_joining_prompt_runs_layers_for_about_two_decode_steps_time(tiny, prompts):
+    """Layers are run until the step's prefill took prefill_ratio decode steps (>= 1 layer)."""
+    batch = tiny.batch(3)
+    assert batch.prefill_tokens is None and batch.prefill_ratio == 2.0
+    batch.prefill_ratio = 0.0  # any time is too much: exactly one layer per step
+    running = batch.submit(prompts[0], config(max_new_tokens=30))
+    batch.step()
+    batch.step()
+    joining = batch.submit(prompts[3], config(max_new_tokens=5))
+    for _ in range(tiny.config.num_layers - 1):
+        batch.step()
+        assert not joining.output
+    batch.step()
+    assert len(joining.output) == 1 and len(running.output) == 2 + tiny.config.num_layers
+    batch.prefill_ratio = 1e9  # any time is fine: the whole prompt in one step
+    late = batch.submit(prompts[2], config(max_new_tokens=5))
+    batch.step()
+    assert len(late.output) == 1

@@ -25,7 +25,7 @@ def test_bench_concurrency_cli_json(capsys, tiny_dir):
     assert [x["streams"] for x in out["levels"]] == [1, 2]
     assert set(out["levels"][0]) == {"streams", "aggregate_tokens_per_s",
                                      "stream_tokens_per_s", "ttft_s_mean", "ttft_s_max",
-                                     "worst_gap_s"}
+                                     "worst_gap_s", "decode_step_s"}
     assert out["join"]["prompt_tokens"] == 40 and out["new_tokens"] == 3
 
 

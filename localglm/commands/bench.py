@@ -33,9 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(e.g. 1,2,4,8), prompts of the shortest --prompts length, --decode-tokens "
                    "each; then the worst gap a running stream sees while a prompt of the "
                    "longest --prompts length joins")
-    p.add_argument("--prefill-tokens", type=int, default=256,
+    p.add_argument("--prefill-tokens", type=int, default=None,
                    help="with --concurrency: prompt tokens x layers / layers prefilled per "
-                   "step while others decode (default: 256)")
+                   "step while others decode (default: layers worth two decode steps)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -158,7 +158,8 @@ class EngineWorker:
     """
 
     def __init__(self, model: LocalGLM, queue_size: int = 16, model_name: str | None = None,
-                 parallel: int = 1, prefill_tokens: int = 256, replica: str | None = None):
+                 parallel: int = 1, prefill_tokens: int | None = None,
+                 replica: str | None = None):
         if queue_size < 1:
             raise LocalGLMError("the queue size must be at least 1")
         if parallel < 1:
