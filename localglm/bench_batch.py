@@ -24,7 +24,9 @@ class ConcurrencyResult:
     ttft_s_mean: float  # time to first token, from submission
     ttft_s_max: float
     worst_gap_s: float  # longest wait between two tokens of one stream
-    decode_step_s: float  # median step with every stream decoding (no prefill in it)
+    # median step with every stream decoding and no prefill in it; 0 if there was none
+    # (the streams' answers were shorter than the time the last one took to join)
+    decode_step_s: float
 
 
 @dataclass
@@ -134,6 +136,11 @@ def run(model: ChatGLMModel, dtype, levels: list[int], prompt_tokens: int = 32,
     return res
 
 
+def _or_dash(seconds: float) -> str:
+    """A step time, or "-" when no step had every stream decoding (raise --decode-tokens)."""
+    return f"{seconds:.3f}" if seconds else "-"
+
+
 def print_table(r: BatchBench) -> None:
     print(f"\ncontinuous batching: {r.prompt_tokens}-token prompts, {r.new_tokens} new tokens "
           "per stream, greedy")
@@ -142,7 +149,7 @@ def print_table(r: BatchBench) -> None:
     for x in r.levels:
         print(f"  {x.streams:7d}  {x.aggregate_tokens_per_s:15.2f}  "
               f"{x.stream_tokens_per_s:16.2f}  {x.ttft_s_mean:7.2f}/{x.ttft_s_max:<7.2f}  "
-              f"{x.worst_gap_s:11.2f}  {x.decode_step_s:19.3f}")
+              f"{x.worst_gap_s:11.2f}  {_or_dash(x.decode_step_s):>19}")
     if r.join:
         j = r.join
         print(f"  a {j.prompt_tokens}-token prompt joining a running stream: its usual gap "
