@@ -253,7 +253,7 @@ class EngineWorker:
         with self._lock:
             if job not in self._pending:
                 return None
-            return self._pending.index(job) + (self._current is not None)
+            return self._pending.index(job) + len(self._running)
 
     def _forget(self, job: Job) -> None:
         with self._lock, contextlib.suppress(ValueError):
