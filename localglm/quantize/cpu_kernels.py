@@ -39,10 +39,11 @@ def _cache_dir() -> str:
 
 
 os.environ.setdefault("NUMBA_CACHE_DIR", _cache_dir())
-# numba's OpenMP layer would bring a second OpenMP runtime beside PyTorch's, whose threads
-# spin after every region and steal the cores the kernels' threads need; the workqueue layer
-# sleeps between calls. (Set before numba reads its config.)
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+# numba's OpenMP layer: its calling thread works too (the workqueue layer's waits beside two
+# busy workers, 3 threads on 2 cores: measured 9 vs 11-13 GB/s on a 2-core machine). Its
+# threads, like PyTorch's, sleep between regions under OMP_WAIT_POLICY=PASSIVE, which
+# localglm sets before torch loads. (Set before numba reads its config.)
+os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
 
 try:  # numba is a dependency, but the reference path must work without it
     import llvmlite.binding as _llvm
