@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import response_streamer
 from ..errors import ContextTooLongError, LocalGLMError
 from . import protocol as p
 from .engine import (
-    ChatText,
     EngineWorker,
     Job,
     QueueFullError,
@@ -296,11 +296,11 @@ async def _chat_events(job, model_name: str, include_usage: bool) -> AsyncIterat
         return _sse(p.ChatCompletionChunk(id=cid, created=created, model=model_name, choices=[
             p.ChatChunkChoice(delta=delta, finish_reason=finish)]))
 
-    text, last = ChatText(), None
+    text, last = response_streamer(), None
     try:
         yield chunk(p.ChatDelta(role="assistant", content=""))
         async for last in job:
-            piece = text.delta(last.response, final=last.finish_reason is not None)
+            piece = text.push(last.response, final=last.finish_reason is not None)
             if piece:
                 yield chunk(p.ChatDelta(content=piece))
     except Exception as e:  # the status line has gone out: the error becomes an event
