@@ -10,6 +10,7 @@ from pathlib import Path
 from ..convert import convert_model
 from ..quantize import INT4_GROUP_SIZES
 from ..weights import resolve_model_path
+from .common import add_group_size_argument, group_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,16 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["int4", "int8", "float16", "bfloat16", "float32"],
                    help="int4/int8 quantize the block linears; float16/bfloat16/float32 only "
                    "re-save (e.g. pickled .bin files as safetensors)")
-    p.add_argument("--group-size", type=int, default=32, choices=(0, *INT4_GROUP_SIZES),
-                   help="int4 group size (0 = one scale per row, THUDM's own int4 recipe; "
-                   "default: 32)")
+    add_group_size_argument(p, choices=(0, *INT4_GROUP_SIZES))
 
 
 def main(args: argparse.Namespace) -> int:
     src = resolve_model_path(args.model)
     dst = Path(args.output)
     t = time.perf_counter()
-    convert_model(src, dst, args.precision, args.group_size, progress=sys.stderr.isatty())
+    convert_model(src, dst, args.precision, group_size(args), progress=sys.stderr.isatty())
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     print(f"wrote {dst} ({size / 2**20:.1f} MiB, {args.precision}) in "
           f"{time.perf_counter() - t:.1f} s; load it with `localglm chat {dst}`")
