@@ -1,4 +1,4 @@
-"""Time ChatGLM-6B's block linears: dense vs weight-only int8/int4 kernels (run by hand).
+"""Time ChatGLM-6B's block linears and head: dense vs weight-only int8/int4 (run by hand).
 
     python benchmarks/bench_linear.py [--threads 2] [--rows 1,32,256,1000] [--min-time 0.3]
 
@@ -7,7 +7,10 @@ M is a prefill of M tokens) prints ms per call and the effective bandwidth
 ``weight bytes / time`` in GB/s. "Weight bytes" is what the method must read per call: the bf16
 or fp32 matrix for dense, the stored int8/int4 bytes plus scales for every quantized method
 (including the dequantize-then-GEMM ones, whose extra traffic is the point of comparison).
-The machine's memory read bandwidth (sum over a 1 GiB tensor) is printed first for scale.
+The machine's memory read bandwidth (sum over a 1 GiB tensor) is measured before each shape, in
+the same run, and every quantized method's GB/s is also shown as a share of it. "localglm" is
+what QuantizedLinear.forward runs (the numba kernels up to 16 rows, dequantized tiles + GEMM
+above); "PyTorch kernel" is _weight_int4pack_mm / _weight_int8pack_mm on the same weights.
 
 Weights are built directly in quantized form (random integers + scales), one shape at a time;
 the dense baselines allocate one bf16 and one fp32 matrix for the current shape only.
@@ -30,6 +33,7 @@ SHAPES = (
     ("attention.dense", 4096, 4096),
     ("dense_h_to_4h", 4096, 16384),
     ("dense_4h_to_h", 16384, 4096),
+    ("lm_head", 4096, 130528),
 )
 INT4_GROUPS = (32, 64, 128)
 
@@ -62,16 +66,19 @@ def memory_bandwidth(gib: float = 1.0) -> float:
 
 
 def random_int8(out_f: int, in_f: int) -> Q.QuantizedLinear:
-    w = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8)  # [out, in]
-    scale = (torch.rand(out_f) * 1e-3 + 1e-4).half()  # [out]
-    return Q.QuantizedLinear.from_official(w, scale, torch.randn(out_f).bfloat16(), bits=8)
+    m = Q.QuantizedLinear(in_f, out_f, 8, 0, True, fmt="official", dtype=torch.bfloat16)
+    m.weight.random_(-127, 128)  # int8 [out, in]
+    m.weight_scale.uniform_(1e-4, 1e-3)  # fp16 [out]
+    m.bias.data.normal_()
+    return m
 
 
 def random_int4_official(out_f: int, in_f: int) -> Q.QuantizedLinear:
-    q = torch.randint(-7, 8, (out_f, in_f), dtype=torch.int8)  # [out, in]
-    scale = (torch.rand(out_f) * 1e-2 + 1e-3).half()  # [out]
-    bias = torch.randn(out_f).bfloat16()
-    return Q.QuantizedLinear.from_official(Q.pack_int4_official(q), scale, bias, bits=4)
+    m = Q.QuantizedLinear(in_f, out_f, 4, 0, True, fmt="official", dtype=torch.bfloat16)
+    m.weight.random_(-128, 128)  # int8 [out, in/2]: two signed nibbles per byte
+    m.weight_scale.uniform_(1e-3, 1e-2)  # fp16 [out]
+    m.bias.data.normal_()
+    return m
 
 
 def random_int4_grouped(out_f: int, in_f: int, group: int) -> Q.QuantizedLinear:
@@ -83,9 +90,8 @@ def random_int4_grouped(out_f: int, in_f: int, group: int) -> Q.QuantizedLinear:
     return m
 
 
-def dequant_bf16_linear(layer: Q.QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """Dequantize to bf16, bf16 GEMM (forward_reference instead dequantizes to fp32 on CPU)."""
-    return F.linear(x, layer.dequantize(torch.bfloat16), layer.bias)
+def torch_kernel(layer: Q.QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    return layer._forward_torch(x, f"torch-int{layer.bits}")
 
 
 def weight_bytes(m: Q.QuantizedLinear) -> int:
@@ -98,7 +104,7 @@ def weight_bytes(m: Q.QuantizedLinear) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", default="1,32,256,1000", help="comma-separated M values")
+    ap.add_argument("--rows", default="1,4,32,256", help="comma-separated M values")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,57 +115,40 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
     )
-    print(f"memory read bandwidth (sum of 1 GiB fp32): {memory_bandwidth():.1f} GB/s\n")
+    from localglm.quantize import cpu_kernels
+
+    print(f"numba kernels: {cpu_kernels.isa()}\n")
 
     # results[(method, M)][shape] = (ms, GB/s)
     results: dict[tuple[str, int], dict[str, tuple[float, float]]] = {}
-    prep_ms: dict[str, dict[str, float]] = {}
+    probe: dict[str, float] = {}
 
     def record(method: str, shape: str, m_rows: int, sec: float, nbytes: int) -> None:
         results.setdefault((method, m_rows), {})[shape] = (sec * 1e3, nbytes / sec / 1e9)
 
     for shape, in_f, out_f in SHAPES:
         print(f"timing {shape} ({in_f} -> {out_f}) ...", flush=True)
+        probe[shape] = memory_bandwidth()
         xs = {m: torch.randn(m, in_f, dtype=torch.bfloat16) for m in rows}  # [M, in]
-        bias = torch.randn(out_f, dtype=torch.bfloat16)
-
-        # Dense baselines, one matrix at a time.
         w = torch.randn(out_f, in_f, dtype=torch.bfloat16)  # [out, in]
         for m in rows:
-            sec = timeit(partial(F.linear, xs[m], w, bias), args.min_time)
+            sec = timeit(partial(F.linear, xs[m], w), args.min_time)
             record("dense bf16 F.linear", shape, m, sec, w.numel() * 2)
-        w32 = w.float()  # [out, in]
         del w
-        b32 = bias.float()
-        for m in rows:
-            sec = timeit(partial(F.linear, xs[m].float(), w32, b32), args.min_time)
-            record("dense fp32 F.linear", shape, m, sec, w32.numel() * 4)
-        del w32
-
-        layers = {"int8 kernel": random_int8(out_f, in_f)}
-        g_off = Q.OFFICIAL_INT4_KERNEL_GROUP  # per-row scales spread over groups of this size
-        layers[f"int4 official kernel (g{g_off})"] = random_int4_official(out_f, in_f)
+        layers = {"int8": random_int8(out_f, in_f),
+                  "int4 official": random_int4_official(out_f, in_f)}
         for g in INT4_GROUPS:
-            layers[f"int4 g{g} kernel"] = random_int4_grouped(out_f, in_f, g)
+            layers[f"int4 g{g}"] = random_int4_grouped(out_f, in_f, g)
         for name, layer in layers.items():
-            t0 = time.perf_counter()
-            layer.prepare(torch.bfloat16)
-            prep_ms.setdefault(name, {})[shape] = (time.perf_counter() - t0) * 1e3
-            for m in rows:
-                sec = timeit(partial(layer.forward_kernel, xs[m]), args.min_time)
-                record(name, shape, m, sec, weight_bytes(layer))
-            layer._kernel_cache.clear()  # free the kernel copy before the next layer
-
-        # Dequantize every call, then a dense GEMM; the fp32 variant is forward_reference, what
-        # forward() runs on CPU when no kernel is used.
-        for name in ("int8 kernel", "int4 g128 kernel"):
-            layer = layers[name]
-            label = name.replace(" kernel", "")
-            for m in rows:
-                sec = timeit(partial(dequant_bf16_linear, layer, xs[m]), args.min_time)
-                record(f"{label} dequant->bf16 + bf16 GEMM", shape, m, sec, weight_bytes(layer))
-                sec = timeit(partial(layer.forward_reference, xs[m]), args.min_time)
-                record(f"{label} dequant->fp32 + fp32 GEMM", shape, m, sec, weight_bytes(layer))
+            with torch.inference_mode():
+                for m in rows:
+                    sec = timeit(partial(layer, xs[m]), args.min_time)
+                    record(f"localglm {name}", shape, m, sec, weight_bytes(layer))
+                if name in ("int8", "int4 g128") and max(rows) <= 256:
+                    for m in rows:
+                        sec = timeit(partial(torch_kernel, layer, xs[m]), args.min_time)
+                        record(f"PyTorch kernel {name}", shape, m, sec, weight_bytes(layer))
+                    layer._torch_cache.clear()  # free the kernel copy before the next layer
         del layers
 
     names = [s[0] for s in SHAPES]
@@ -175,9 +164,14 @@ def main() -> None:
             r = results[(meth, m)]
             cells = "".join(f"{r[n][0]:>11.2f} ({r[n][1]:>5.1f})" for n in names)
             print(f"{meth:<{width}}{cells}{sum(r[n][0] for n in names):>11.1f}")
-    print("\none-off kernel layout build (prepare) in ms:")
-    for meth, d in prep_ms.items():
-        print(f"{meth:<{width}}" + "".join(f"{d[n]:>20.1f}" for n in names))
+    print("\nmemory read bandwidth measured before each shape (GB/s): "
+          + ", ".join(f"{n} {probe[n]:.1f}" for n in names))
+    print("decode (M = 1) share of that bandwidth:")
+    for meth in methods:
+        if (meth, 1) in results and not meth.startswith("dense"):
+            r = results[(meth, 1)]
+            print(f"  {meth:<{width - 2}}" + "".join(
+                f"{100 * r[n][1] / probe[n]:>19.0f}%" for n in names))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from . import quantize, weights
 from .config import ModelConfig
 from .engine import LocalGLM
 from .generate import Batch, decode_one_token, new_cache, prefill
-from .loader import prepare_kernels
+from .loader import DEFAULT_GROUP_SIZE, prepare_kernels
 from .model import ChatGLMModel, RotaryTable
+from .quantize.embedding import use_quantized_head
 
 CHATGLM_6B = ModelConfig()  # the real shapes: vocab 130528, hidden 4096, 28 layers, inner 16384
 
@@ -37,6 +38,13 @@ class BenchResult:
     peak_rss_mb: float = 0.0
     bandwidth_gbs: float = 0.0
     roofline_ms_per_token: float = 0.0
+    # decode after the short prompt with the chat sampler (temperature 0.95, top_p 0.7)
+    decode_ms_per_token_sampled: float = 0.0
+    sampler_ms_per_token: float = 0.0  # the sampler alone on 130k-wide logits
+    linear_ms_per_token: float = 0.0  # of a greedy decode step: quantized linears + head
+    other_ms_per_token: float = 0.0  # everything else: attention, norms, Python
+    kernels: dict[str, str] = field(default_factory=dict)  # layer shape -> kernel it runs
+    isa: str = ""  # the CPU code path: PyTorch capability / numba kernels
 
     @property
     def roofline_fraction(self) -> float:
@@ -86,7 +94,7 @@ def decode_bytes_per_token(model: ChatGLMModel) -> int:
 
 
 def synthetic_model(cfg: ModelConfig, precision: str, dtype: torch.dtype,
-                    group_size: int = 32, seed: int = 0) -> ChatGLMModel:
+                    group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0) -> ChatGLMModel:
     """A model of ``cfg``'s shapes with random weights, built layer by layer.
 
     Quantized formats are filled directly with random integers and scales, so no full-size
@@ -100,6 +108,8 @@ def synthetic_model(cfg: ModelConfig, precision: str, dtype: torch.dtype,
         group_size = group_size if bits == 4 else 0
         quantize.make_quantized_skeleton(model, bits, group_size,
                                          "localglm" if group_size else "official")
+        if dtype != torch.float32:  # as the loader does on the CPU
+            use_quantized_head(model)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.startswith("rotary."):
             continue
@@ -128,22 +138,93 @@ def _prompt(cfg: ModelConfig, n: int) -> list[int]:
 
 
 @torch.inference_mode()
-def prefill_and_decode(model: ChatGLMModel, n: int, steps: int, dtype) -> tuple[float, float]:
-    """(prefill tokens/s of an ``n``-token prompt, ms per decoded token after it)."""
+def prefill_and_decode(model: ChatGLMModel, n: int, steps: int, dtype, sampler=None
+                       ) -> tuple[float, float]:
+    """(prefill tokens/s of an ``n``-token prompt, ms per decoded token after it).
+
+    ``sampler`` ((1, V) logits -> (1,) ids) picks each token; greedy when None.
+    """
+    pick = sampler or (lambda logits: logits.argmax(-1))
     batch = Batch([_prompt(model.config, n)], model.config, "cpu")
     cache = new_cache(model, 1, n + steps + 2, dtype)
     t = time.perf_counter()
     logits = prefill(model, batch, cache, dtype)
     prefill_s = time.perf_counter() - t
     index = batch.width
-    token = logits.argmax(-1, keepdim=True)
+    token = pick(logits)[:, None]
     decode_one_token(model, batch, token, index, cache)  # warm-up step, not timed
     index += 1
     t = time.perf_counter()
     for _ in range(steps):
-        token = decode_one_token(model, batch, token, index, cache).argmax(-1, keepdim=True)
+        token = pick(decode_one_token(model, batch, token, index, cache))[:, None]
         index += 1
     return n / prefill_s, (time.perf_counter() - t) / max(steps, 1) * 1000
+
+
+def chat_sampler():
+    """The chat defaults' sampler (temperature 0.95, top_p 0.7), seeded."""
+    from .sampling import make_sampler
+
+    return make_sampler(0.95, 0.7, generator=torch.Generator().manual_seed(0))
+
+
+def time_sampler(vocab: int, repeats: int = 20) -> float:
+    """ms per call of the chat sampler on one row of realistic (peaked) logits."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, vocab, generator=g) * 2
+    logits[0, torch.randperm(vocab, generator=g)[:50]] += 12
+    sample = chat_sampler()
+    sample(logits)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        sample(logits)
+    return (time.perf_counter() - t) / repeats * 1000
+
+
+@torch.inference_mode()
+def linear_share(model: ChatGLMModel, dtype, steps: int = 4) -> tuple[float, float]:
+    """(ms in the quantized linears and head, ms in everything else) per greedy decode step
+    after a short prompt, timed by wrapping every quantized layer's forward during the
+    decode steps only."""
+    spent, on = [0.0], [False]
+
+    def timed(forward):
+        def wrapper(*args, **kwargs):
+            if not on[0]:
+                return forward(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t
+        return wrapper
+
+    layers = [m for m in model.modules() if isinstance(m, quantize.QuantizedLinear)]
+    for m in layers:
+        m._forward_no_grad = timed(m._forward_no_grad)
+    try:
+        batch = Batch([_prompt(model.config, 8)], model.config, "cpu")
+        cache = new_cache(model, 1, 8 + steps + 2, dtype)
+        token = prefill(model, batch, cache, dtype).argmax(-1, keepdim=True)
+        index = batch.width
+        on[0] = True
+        t = time.perf_counter()
+        for _ in range(steps):
+            token = decode_one_token(model, batch, token, index, cache).argmax(-1, keepdim=True)
+            index += 1
+        total_ms = (time.perf_counter() - t) / steps * 1000
+    finally:
+        for m in layers:
+            del m._forward_no_grad
+    linear_ms = spent[0] / steps * 1000
+    return linear_ms, max(total_ms - linear_ms, 0.0)
+
+
+def isa_description() -> str:
+    from .quantize import cpu_kernels
+
+    return (f"PyTorch {torch.backends.cpu.get_cpu_capability()}, "
+            f"numba kernels {cpu_kernels.isa() or 'unavailable'}")
 
 
 def run(model: ChatGLMModel | LocalGLM, name: str, precision: str, dtype, load_s: float,
@@ -153,6 +234,8 @@ def run(model: ChatGLMModel | LocalGLM, name: str, precision: str, dtype, load_s
     res = BenchResult(name, precision, str(dtype).removeprefix("torch."),
                       torch.get_num_threads(), load_s=load_s)
     res.weight_bytes = decode_bytes_per_token(m)
+    res.isa = isa_description()
+    res.kernels = quantize.kernel_report(m, dtype, rows=(1, max(prompts)))
     prefill_and_decode(m, 8, 1, dtype)  # first-call overheads out of the way
     prompts = sorted(prompts)
     for n in prompts:
@@ -164,6 +247,11 @@ def run(model: ChatGLMModel | LocalGLM, name: str, precision: str, dtype, load_s
             res.decode_ms_per_token = ms
         if n == prompts[-1]:
             res.decode_ms_per_token_long, res.long_context = ms, n
+    log("decode with the chat sampler...")
+    _, res.decode_ms_per_token_sampled = prefill_and_decode(m, prompts[0], decode_steps, dtype,
+                                                            chat_sampler())
+    res.sampler_ms_per_token = time_sampler(m.config.vocab_size)
+    res.linear_ms_per_token, res.other_ms_per_token = linear_share(m, dtype)
     res.peak_rss_mb = peak_rss_mb()
     res.bandwidth_gbs = measure_bandwidth()
     res.roofline_ms_per_token = res.weight_bytes / (res.bandwidth_gbs * 1e9) * 1000

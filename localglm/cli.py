@@ -19,6 +19,9 @@ COMMANDS = {
     "eval": ("evaluate", "perplexity of a model on a text file (and agreement with another)"),
     "finetune": ("finetune", "train a LoRA or P-Tuning v2 adapter on your own data"),
     "merge": ("merge", "merge a LoRA adapter into a model and save the result"),
+    "pull": ("pull", "download a model from the Hugging Face Hub (or a mirror) into the cache"),
+    "list": ("list_models", "list downloaded models: precision, size and whether complete"),
+    "rm": ("rm", "delete a model from the Hugging Face cache"),
 }
 
 
@@ -44,7 +47,8 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
             continue
         try:
             mod = importlib.import_module(f".commands.{module}", __package__)
-        except ImportError as e:
+        except ImportError as e:  # e.g. an optional dependency missing: say so when it is run
+            p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             p.set_defaults(_main=_unavailable(name, e))
             continue
         mod.add_arguments(p)

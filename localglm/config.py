@@ -44,6 +44,9 @@ class ModelConfig:
     quantization_format: str = "official"
     quantization_group_size: int = 0  # 0 = one scale per output row
     quantization_embeddings: bool = False
+    # 8: the tied embedding / output head is stored as int8 with one scale per row
+    # (localglm's converted int8/int4 models); 0: float.
+    quantization_head_bits: int = 0
     # P-Tuning v2: number of learned prefix key/value positions per layer (None = off).
     pre_seq_len: int | None = None
     prefix_projection: bool = False

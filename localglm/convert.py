@@ -10,9 +10,34 @@ import torch
 from . import quantize, weights
 from .config import ModelConfig
 from .errors import LocalGLMError
+from .quantize.embedding import EMBEDDING_NAME, HEAD_BITS, quantize_embedding
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
 FLOAT_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def quantize_head(tensors: Tensors) -> Tensors:
+    """Quantize the tied embedding / output head to int8 as it streams past."""
+    for name, t in tensors:
+        if name == EMBEDDING_NAME and t.is_floating_point():
+            q, scale = quantize_embedding(t)
+            yield from ((name, q), (name + "_scale", scale))
+        else:
+            yield name, t
+
+
+def dequantize_head(tensors: Tensors, dtype: torch.dtype) -> Tensors:
+    """The inverse of `quantize_head`, for devices that run a float head."""
+    pending = {}
+    for name, t in tensors:
+        if name in (EMBEDDING_NAME, EMBEDDING_NAME + "_scale"):
+            pending[name] = t
+            if len(pending) == 2:
+                w = quantize.dequantize_int8(pending[EMBEDDING_NAME],
+                                             pending[EMBEDDING_NAME + "_scale"], dtype)
+                yield EMBEDDING_NAME, w
+        else:
+            yield name, t
 
 
 def quantize_stream(tensors: Tensors, bits: int, group_size: int) -> Tensors:
@@ -45,8 +70,9 @@ def cast_floats(tensors: Tensors, dtype: torch.dtype) -> Tensors:
         yield name, t
 
 
-def convert_model(src: Path, dst: Path, precision: str, group_size: int = 32,
-                  progress: bool = True) -> ModelConfig:
+def convert_model(src: Path, dst: Path, precision: str,
+                  group_size: int = quantize.DEFAULT_GROUP_SIZE,
+                  progress: bool = True, head_bits: int = HEAD_BITS) -> ModelConfig:
     """Write ``src`` as a safetensors model directory at ``dst`` in ``precision``.
 
     int8/int4 quantize the block linears (a pre-quantized source is re-saved as it is, only
@@ -66,6 +92,9 @@ def convert_model(src: Path, dst: Path, precision: str, group_size: int = 32,
             cfg.quantization_bit = bits
             cfg.quantization_group_size = group_size
             cfg.quantization_format = "localglm" if group_size else "official"
+        if head_bits and not cfg.quantization_head_bits:
+            tensors = quantize_head(tensors)
+            cfg.quantization_head_bits = HEAD_BITS
     elif precision in FLOAT_TYPES:
         if cfg.quantization_bit:
             raise LocalGLMError(f"{src} holds int{cfg.quantization_bit} weights; use "

@@ -139,13 +139,16 @@ class LocalGLM:
 
     # -- chat ------------------------------------------------------------------------------
     def chat_stream(self, query: str, history=None, gen: GenerationConfig | None = None,
+                    fitted: chatfmt.FittedPrompt | None = None,
                     **kwargs) -> Iterator[ChatStep]:
-        """Stream one chat round; old rounds that do not fit the context budget are dropped."""
+        """Stream one chat round; old rounds that do not fit the context budget are dropped.
+
+        ``fitted``: the result of ``fit_chat`` for these arguments, when the caller has it
+        already (the prompt is then not tokenized again).
+        """
         gen = gen or make_generation_config(CHAT_DEFAULTS, **kwargs)
         history = chatfmt.normalize_history(history)
-        budget = min(self.max_context, gen.max_length or self.max_context)
-        reserve = gen.max_new_tokens if gen.max_new_tokens is not None else 1
-        fitted = chatfmt.fit_prompt(self.tokenizer, query, history, budget, reserve)
+        fitted = fitted or self.fit_chat(query, history, gen)
         raw = ""
         for step in self.stream_generate(fitted.ids, gen):
             raw += step.text
@@ -153,6 +156,14 @@ class LocalGLM:
             new_history = history + [(query, response)]
             yield ChatStep(step.text, response, new_history, fitted.dropped,
                            step.finish_reason, step)
+
+    def fit_chat(self, query: str, history, gen: GenerationConfig) -> chatfmt.FittedPrompt:
+        """The prompt ``chat_stream`` runs: the oldest rounds that do not fit the context
+        budget (``gen.max_length``, at most the context) are left out."""
+        budget = min(self.max_context, gen.max_length or self.max_context)
+        reserve = gen.max_new_tokens if gen.max_new_tokens is not None else 1
+        return chatfmt.fit_prompt(self.tokenizer, query, chatfmt.normalize_history(history),
+                                  budget, reserve)
 
     def chat(self, query: str, history=None, **gen) -> tuple[str, chatfmt.History]:
         """Like the official ``model.chat``: returns (response, history + [(query, response)])."""

@@ -16,7 +16,7 @@ from .cache import KVCache
 from .errors import ContextTooLongError, LocalGLMError
 from .model import AttentionLayout, ChatGLMModel
 from .options import GenerationConfig
-from .sampling import make_sampler, repetition_penalty, replace_invalid
+from .sampling import Processor, make_sampler, repetition_penalty, replace_invalid
 from .streamer import TextStreamer
 
 
@@ -120,14 +120,15 @@ def decode_one_token(model: ChatGLMModel, batch: Batch, tokens: torch.Tensor, in
 
 @torch.inference_mode()
 def generate_step(model: ChatGLMModel, prompts: list[list[int]], gen: GenerationConfig,
-                  cache: KVCache, dtype, vocab_limit: int | None = None
-                  ) -> Iterator[torch.Tensor]:
+                  cache: KVCache, dtype, vocab_limit: int | None = None,
+                  processors: list[Processor] = ()) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) on CPU, until every row has finished.
 
     Rows that reached <eop> keep being fed <eop> (their output is ignored by the caller); a row
     never sees another row's tokens, so each gets exactly the tokens it would get alone.
     ``vocab_limit``: ids from here on are never picked (the real checkpoint's embedding has
-    184 rows more than the tokenizer has pieces).
+    184 rows more than the tokenizer has pieces). ``processors`` run, in order, on the
+    float32 scores (B, V) after the repetition penalty, just before sampling.
     """
     cfg = model.config
     device = next(model.parameters()).device
@@ -155,6 +156,8 @@ def generate_step(model: ChatGLMModel, prompts: list[list[int]], gen: Generation
             scores[:, vocab_limit:] = float("-inf")
         if gen.repetition_penalty != 1.0:
             scores = repetition_penalty(scores, history, gen.repetition_penalty)
+        for process in processors:
+            scores = process(scores, history)
         token = sampler(scores)  # (B,)
         yield token
         if step == steps - 1:
@@ -162,6 +165,34 @@ def generate_step(model: ChatGLMModel, prompts: list[list[int]], gen: Generation
         history = torch.cat([history, token[:, None]], dim=1)
         logits = decode_one_token(model, batch, token[:, None].to(device), index, cache)
         index += 1
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model, with the most likely tokens."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+class LogprobRecorder:
+    """A processor that keeps the log-probabilities of row 0's scores at each step; it must
+    run before any processor that masks tokens, so that they are the model's own."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        self._last = torch.log_softmax(scores[0], dim=-1)  # (V,)
+        return scores
+
+    def entry(self, token: int) -> TokenLogprob:
+        lp = self._last
+        top = torch.topk(lp, self.top) if self.top else None
+        pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
+        return TokenLogprob(token, float(lp[token]), pairs)
 
 
 @dataclass
@@ -175,6 +206,9 @@ class GenerationResponse:
     generation_tokens: int = 0
     prompt_tps: float = 0.0  # prefill speed, tokens/s
     generation_tps: float = 0.0  # decode speed, tokens/s
+    # With GenerationConfig.logprobs: one entry per token generated since the previous step
+    # (<eop> excluded).
+    logprobs: list[TokenLogprob] | None = None
 
 
 def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: GenerationConfig,
@@ -199,23 +233,48 @@ def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: Gene
         finish = "stop" if streamer.stopped else finish
         return _response(piece, token, finish, prompt, n, t0, t_first)
 
+    processors, recorder = _processors(gen, tokenizer, len(prompt))
+    pending = []  # logprobs of the tokens since the last response
+
+    def with_logprobs(r: GenerationResponse) -> GenerationResponse:
+        if recorder is not None:
+            r.logprobs = pending.copy()
+            pending.clear()
+        return r
+
     finish = "length"  # if the loop ends without <eop>, the context is full
-    for token in generate_step(model, [prompt], gen, cache, dtype, tokenizer.vocab_size):
+    for token in generate_step(model, [prompt], gen, cache, dtype, tokenizer.vocab_size,
+                               processors):
         tok = int(token[0])
         t_first = t_first or time.perf_counter()
         n += 1
         if tok == eos:
             finish = "stop"
             break
+        if recorder is not None:
+            pending.append(recorder.entry(tok))
         text += decoder.add(tok)
         if n >= budget:
             break
         r = step(tok, None)
-        yield r
+        yield with_logprobs(r)
         if r.finish_reason:
             return
     text += decoder.flush()
-    yield step(None, finish)
+    yield with_logprobs(step(None, finish))
+
+
+def _processors(gen: GenerationConfig, tokenizer, prompt_len: int):
+    """The extra logits processors ``gen`` asks for, and the logprob recorder among them."""
+    processors, recorder = [], None
+    if gen.logprobs is not None:  # first: the log-probabilities are the model's own
+        recorder = LogprobRecorder(gen.logprobs)
+        processors.append(recorder)
+    if gen.json_object:
+        from .json_mode import JSONObjectProcessor
+
+        processors.append(JSONObjectProcessor(tokenizer, prompt_len))
+    return processors, recorder
 
 
 def _response(text, token, finish, prompt, n, t0, t_first) -> GenerationResponse:

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import torch
 
-from . import quantize, weights
+from . import demo, quantize, weights
 from .config import ModelConfig
-from .convert import quantize_stream
+from .convert import dequantize_head, quantize_head, quantize_stream
 from .engine import LocalGLM
 from .errors import LocalGLMError, ModelFormatError
 from .model import ChatGLMModel, RotaryTable
+from .quantize import cpu_kernels, torch_kernels
+from .quantize.embedding import use_quantized_head
+from .quantize.formats import DEFAULT_GROUP_SIZE
 from .tokenizer import ChatGLMTokenizer
 
 DTYPES = {
@@ -22,7 +25,6 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
-DEFAULT_GROUP_SIZE = 32  # int4 groups when quantizing a float checkpoint
 
 
 def canonical_precision(p: str) -> str:
@@ -52,8 +54,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def default_compute_dtype(device: torch.device) -> torch.dtype:
-    """Fastest well-supported activation dtype: fp16 on GPUs, bf16 on CPUs."""
+def default_compute_dtype(device: torch.device, precision: str = "") -> torch.dtype:
+    """Fastest well-supported activation dtype: fp16 on GPUs, bf16 on CPUs, and bf16 for int4
+    on CUDA GPUs that have it, since PyTorch's CUDA int4 kernel takes bf16 activations only
+    (with fp16 every call would dequantize the whole weight)."""
+    if device.type == "cuda" and precision == "int4" and torch_kernels.HAS_CUDA_INT4 \
+            and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
     if device.type in ("cuda", "mps"):
         return torch.float16
     return torch.bfloat16
@@ -73,6 +80,8 @@ def load(
 ) -> LocalGLM:
     """Load a ChatGLM-6B model directory (or a model id already in the Hugging Face cache).
 
+    ``"demo"`` is the small built-in model that answers questions about localglm.
+
     precision: "float32", "bfloat16", "float16", "int8", "int4", or "auto": the most precise
     that fits the device's free memory with headroom (see ``localglm doctor``).
     device: "auto" (CUDA > MPS > CPU), "cpu", "cuda", "cuda:N" or "mps".
@@ -84,7 +93,8 @@ def load(
     (0 = one scale per row, the official int4 recipe). adapter: a LoRA adapter directory
     (PEFT format) applied on top of the weights.
     """
-    model_dir = weights.resolve_model_path(path)
+    model_dir = demo.MODEL_DIR if demo.is_demo(path) else weights.resolve_model_path(path)
+    weights.validate_model_dir(model_dir)  # every problem at once, before reading the weights
     cfg = ModelConfig.from_file(model_dir / "config.json")
     tokenizer = ChatGLMTokenizer.from_dir(model_dir)
     prefix_tensors = read_ptuning(Path(ptuning), cfg) if ptuning is not None else {}
@@ -102,9 +112,10 @@ def load(
             target = stored
         quantize.make_quantized_skeleton(model, target[0], target[1],
                                          "localglm" if target[1] else "official")
+    tensors = _head_format(model, cfg, placement, tensors)
     if prefix_tensors:
         tensors = _chain(tensors, prefix_tensors.items())
-    weights.load_into(model, tensors, placement.convert, str(model_dir), _ignore)
+    weights.load_into(model, tensors, placement.convert, str(model_dir))
     model.rotary = RotaryTable(cfg.head_dim // 2, cfg.max_sequence_length).to(
         placement.first)
     if adapter is not None:
@@ -118,6 +129,20 @@ def load(
                     choice=placement.reason)
 
 
+def _head_format(model: ChatGLMModel, cfg: ModelConfig, placement: Placement, tensors):
+    """int8 head for quantized models on the CPU, where the kernels read it at a quarter of
+    bf16's bytes; a float head elsewhere (GPUs have no such kernel here) and in the exact
+    float32 mode."""
+    want = (placement.bits > 0 and placement.first.type == "cpu"
+            and placement.dtype != torch.float32)
+    if want:
+        use_quantized_head(model)
+        return tensors if cfg.quantization_head_bits else quantize_head(tensors)
+    if cfg.quantization_head_bits:
+        return dequantize_head(tensors, placement.dtype)
+    return tensors
+
+
 def stored_quantization(cfg: ModelConfig) -> tuple[int, int] | None:
     """(bits, group_size) of a pre-quantized checkpoint, or None for a float one."""
     if not cfg.quantization_bit:
@@ -127,17 +152,15 @@ def stored_quantization(cfg: ModelConfig) -> tuple[int, int] | None:
 
 
 def prepare_kernels(model: ChatGLMModel, dtype: torch.dtype) -> None:
-    """Build the fast kernel layouts now, so the first answer does not pay for it."""
-    for m in model.modules():
-        if isinstance(m, quantize.QuantizedLinear):
-            x = torch.zeros(1, m.in_features, dtype=dtype, device=m.weight.device)
-            if m.kernel_fits(x):
-                m.prepare(dtype)
-
-
-def _ignore(name: str) -> bool:
-    # The tied head and the rotary buffers are rebuilt, as the official model does.
-    return name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
+    """Compile (or load from the cache) the CPU kernels and build PyTorch kernel operands
+    now, so the first answer does not pay for them."""
+    layers = [m for m in model.modules() if isinstance(m, quantize.QuantizedLinear)]
+    if any(m.weight.device.type == "cpu" for m in layers):
+        cpu_kernels.warm_up()
+    for m in layers:
+        x = torch.zeros(1, m.in_features, dtype=dtype, device=m.weight.device)
+        if m.kernel(x).startswith("torch-"):
+            m(x)
 
 
 @dataclass
@@ -185,7 +208,7 @@ def plan_placement(cfg: ModelConfig, precision: str, device, devices, context: i
             f"this checkpoint holds int{cfg.quantization_bit} weights; load it with "
             f"precision='int{cfg.quantization_bit}' (or 'auto'), or convert the float model")
     quantized = precision in ("int8", "int4")
-    dtype = default_compute_dtype(devs[0]) if quantized else DTYPES[precision]
+    dtype = default_compute_dtype(devs[0], precision) if quantized else DTYPES[precision]
     if compute_dtype is not None:
         dtype = DTYPES[str(compute_dtype).removeprefix("torch.")]
     if len(devs) > 1:

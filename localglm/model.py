@@ -233,9 +233,14 @@ class ChatGLMModel(nn.Module):
         rot = cfg.head_dim // 2  # 2-D: each half of a head has its own rotary table
         self.rotary = RotaryTable(rot, cfg.max_sequence_length)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.transformer.word_embeddings.weight  # tied
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (..., V) from final hidden states (the head is tied to the
+        embedding; a quantized embedding brings its own ``project``)."""
+        emb = self.transformer.word_embeddings
+        if hasattr(emb, "project"):
+            return emb.project(x).float()
+        w = emb.weight
+        return F.linear(x.to(w.device, w.dtype), w).float()
 
     def prefix_kv(self, batch_size: int, dtype) -> torch.Tensor:
         """P-Tuning prefix as (layers, 2, B, nh, P, hd) keys/values, no rotary applied."""
@@ -274,5 +279,4 @@ class ChatGLMModel(nn.Module):
             x = x[:, -1:] if logits_at == "last" else x
         else:
             x = x[:, logits_at]
-        w = self.lm_head_weight
-        return F.linear(x.to(w.device, w.dtype), w).float()  # (B, t, V)
+        return self.lm_head(x)  # (B, t, V)

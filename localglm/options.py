@@ -67,6 +67,10 @@ class GenerationConfig:
         _real(0, low_open=True))
     seed: int | None = _opt(None, "random seed, for reproducible sampling", _whole(*SEED_RANGE))
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings"})
+    logprobs: int | None = _opt(
+        None, "report each new token's log-probability and this many top alternatives",
+        _whole(0))
+    json_object: bool = _opt(False, "constrain the output to one JSON object")
 
     def __post_init__(self):
         for f in fields(self):
@@ -91,6 +95,7 @@ class GenerationConfig:
 
 
 _CHECKS = {f.name: f.metadata.get("check") for f in fields(GenerationConfig)}
+_OPTIONAL = {"max_new_tokens", "max_length", "seed", "logprobs"}  # None: no limit / not asked
 
 
 def check_option(name: str, value) -> str | None:
@@ -99,6 +104,6 @@ def check_option(name: str, value) -> str | None:
     ``None`` is accepted where the field allows it (no limit, no seed).
     """
     check = _CHECKS.get(name)
-    if check is None or (value is None and name in ("max_new_tokens", "max_length", "seed")):
+    if check is None or (value is None and name in _OPTIONAL):
         return None
     return check(value)

@@ -54,6 +54,46 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+# Candidates taken before sorting in `sample_top_p`; the exact full sort runs only when they
+# hold less than top_p of the probability mass.
+TOP_P_CANDIDATES = 256
+
+
+def nucleus_candidates(logits: torch.Tensor, p: float, candidates: int = TOP_P_CANDIDATES
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The top-p nucleus of every row found among its ``candidates`` most likely tokens:
+    (ids (B, k), unnormalised probabilities (B, k), zero outside the nucleus), or None when
+    some row's candidates hold less than ``p`` of the mass.
+
+    The nucleus is a prefix of the tokens sorted by probability, so when the candidates already
+    hold ``p`` of the mass it lies among them and only they need sorting (torch.topk returns
+    them sorted): the same tokens, with probabilities proportional to the same softmax, as
+    `top_p_filter` over all V. Ties at the nucleus edge may be broken differently, as between
+    any two sorts.
+    """
+    k = min(candidates, logits.shape[-1])
+    probs = logits.float().softmax(-1)  # (B, V)
+    top, idx = torch.topk(probs, k, dim=-1)  # (B, k), sorted descending
+    cum = top.cumsum(-1)
+    if bool((cum[:, -1] < p).any()):
+        return None
+    keep = (cum - top) < p  # mass before this token has not yet reached p
+    return idx, top * keep
+
+
+def sample_top_p(logits: torch.Tensor, p: float, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """(B, V) logits -> (B,) ids drawn from the top-p distribution of `top_p_filter`, sorting
+    only a few candidates when they hold the nucleus (`nucleus_candidates`)."""
+    found = None if p >= 1.0 else nucleus_candidates(logits, p)
+    if found is None:
+        probs = top_p_filter(logits, p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    idx, weights = found
+    pick = torch.multinomial(weights, 1, generator=generator)  # (B, 1) index into idx
+    return idx.gather(-1, pick).squeeze(-1)
+
+
 def make_sampler(
     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
     generator: torch.Generator | None = None,
@@ -65,8 +105,6 @@ def make_sampler(
     def sample(logits: torch.Tensor) -> torch.Tensor:
         logits = apply_temperature(logits, temperature)
         logits = top_k_filter(logits, top_k)
-        logits = top_p_filter(logits, top_p)
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return sample_top_p(logits, top_p, generator)
 
     return sample

@@ -80,3 +80,27 @@ class SlowModel:
 
     def stream_generate(self, *args, **kwargs):
         return self._slow(self._model.stream_generate(*args, **kwargs))
+
+
+class CappedModel:
+    """The model, answering at most ``max_new_tokens`` tokens whatever a request asks, so
+    that a fuzzer's requests stay fast."""
+
+    def __init__(self, model, max_new_tokens: int = 4):
+        self._model = model
+        self.max_new_tokens = max_new_tokens
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def _cap(self, gen):
+        import dataclasses
+
+        cap = min(gen.max_new_tokens or self.max_new_tokens, self.max_new_tokens)
+        return dataclasses.replace(gen, max_new_tokens=cap)
+
+    def chat_stream(self, query, history=None, gen=None, **kwargs):
+        return self._model.chat_stream(query, history, self._cap(gen), **kwargs)
+
+    def stream_generate(self, ids, gen=None, **kwargs):
+        return self._model.stream_generate(ids, self._cap(gen), **kwargs)

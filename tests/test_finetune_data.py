@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from broken_models import SHARD1, copy_model, run_cli, truncate
 
 from localglm.chat import build_prompt
 from localglm.cli import main as cli_main
@@ -123,3 +124,63 @@ def test_cli_reports_bad_line_without_traceback(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert "bad.jsonl:2: not valid JSON" in err and "Traceback" not in err
+
+
+def test_every_bad_line_is_reported(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", ['{"content": "a", "summary": ', {"content": "c"},
+                                           {"content": "e", "summary": "f"},
+                                           {"content": 1, "summary": "g"}])
+    with pytest.raises(DataError) as e:
+        read_examples(f)
+    assert str(e.value).splitlines() == [
+        f"{f}:1: not valid JSON (Expecting value, column 29)",
+        f"{f}:2: field 'summary' is missing",
+        f"{f}:4: field 'content' is a int, not a string"]
+
+
+def test_many_bad_lines_are_counted(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", ["{oops"] * 13 + [{"content": "a", "summary": "b"}])
+    with pytest.raises(DataError) as e:
+        read_examples(f)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{f}:1: not valid JSON (Expecting property name enclosed in double " \
+        "quotes, column 2)"
+    assert len(lines) == 11 and lines[-1] == "(and 3 more bad lines)"
+
+
+@pytest.mark.parametrize("flag", ["--data", "--eval-data"])
+def test_data_is_checked_before_the_model_is_loaded(tiny_dir, tmp_path, flag):
+    """A typo in the data must not cost a model load: the model here could not even load."""
+    model = copy_model(tiny_dir, tmp_path / "model")
+    truncate(model / SHARD1)
+    good = write_jsonl(tmp_path / "good.jsonl", [{"content": "a", "summary": "b"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"content": "a", "summary": "b"},
+                                               {"content": "c", "sumary": "d"}])
+    data = {"--data": good, "--eval-data": good, flag: bad}
+    r = run_cli("finetune", model, "--data", data["--data"], "--eval-data", data["--eval-data"],
+                "-o", tmp_path / "out", "--max-steps", "1")
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"error: {bad}:2: field 'summary' is missing"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_file_is_reported_before_loading(tmp_path):
+    r = run_cli("finetune", tmp_path / "no-model", "--data", tmp_path / "nope.jsonl",
+                "-o", tmp_path / "out")
+    assert (r.returncode, r.stderr) == (1, f"error: {tmp_path / 'nope.jsonl'} does not exist\n")
+    r = run_cli("finetune", tmp_path / "no-model", "--data", tmp_path, "-o", tmp_path / "out")
+    assert (r.returncode, r.stderr) == (1, f"error: {tmp_path} is a directory; give a .jsonl "
+                                        "file\n")
+
+
+SLOW_NOTE = "CPU can be very slow"
+
+
+@pytest.mark.parametrize("precision, noted", [("auto", False), ("bfloat16", True)])
+def test_slow_dtype_note_only_when_asked_for(tiny_dir, tmp_path, precision, noted):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"content": "你好", "summary": "你好！"}])
+    r = run_cli("finetune", tiny_dir, "--data", data, "-o", tmp_path / "out", "--device", "cpu",
+                "--precision", precision, "--max-steps", "1", "--lora-r", "2")
+    assert r.returncode == 0, r.stderr
+    assert (SLOW_NOTE in r.stderr) is noted, r.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -121,13 +121,9 @@ def test_schedule_and_step_count():
 
 
 def test_finetune_on_int4_base_reduces_loss(tiny_dir, data_file, tmp_path):
-    quantize = pytest.importorskip("localglm.quantize",
-                                   reason="localglm.quantize (int4 weights) is not in this build")
-    if not hasattr(quantize, "quantize_model"):
-        pytest.skip("localglm.quantize has no quantize_model")
-    llm = fresh(tiny_dir)
-    quantize.quantize_model(llm.model, bits=4, group_size=32)
-    assert type(llm.model.transformer.layers[0].mlp.dense_h_to_4h).__name__ != "Linear"
+    llm = localglm.load(tiny_dir, precision="int4", group_size=32, compute_dtype="float32",
+                        device="cpu")
+    assert type(llm.model.transformer.layers[0].mlp.dense_h_to_4h).__name__ == "QuantizedLinear"
     data = load_dataset(data_file, llm.tokenizer)
     before = mean_loss(llm.model, data.examples, llm.dtype)
     train(llm, data, tmp_path / "out", TrainConfig(max_steps=30, **FAST))

@@ -127,19 +127,35 @@ def test_stream_chat_partials(tiny, chat_golden):
             assert final.startswith(p)
 
 
+# Largest |logit - golden| a reduced-precision run may show on the tiny model (logits reach
+# ~70). Measured maxima on AVX2 and AVX-512(-BF16/AMX) dispatch: 1.92 (bf16), 0.23 (fp16).
+REDUCED_BOUND = {"bfloat16": 2.5, "float16": 0.5}
+
+
+@pytest.mark.reduced_precision
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_reduced_precision_greedy(dtype, cases, tiny_dir):
-    """bf16/fp16 runs may diverge from the fp32 goldens; they must agree on most tokens."""
+def test_reduced_precision_logits_and_greedy(dtype, cases, tiny_dir, golden_logits):
+    """bf16/fp16 logits stay within the stated bound of the fp32 goldens, the top-1 token
+    agrees wherever the golden top-1/top-2 margin exceeds twice that bound (no logit error can
+    flip it there), and greedy runs agree on most tokens before they diverge."""
     import localglm
 
+    bound = REDUCED_BOUND[dtype]
     m = localglm.load(tiny_dir, precision=dtype, device="cpu")
-    agree = total = 0
+    agree = total = checked = 0
     for c in cases["cases"]:
-        got = m.generate(c["input_ids"], max_new_tokens=24)
-        assert got[0] == c["greedy_new_ids"][0], c["name"]  # first token always agrees
-        n = min(len(got), len(c["greedy_new_ids"]))
-        k = next((i for i in range(n) if got[i] != c["greedy_new_ids"][i]), n)
-        agree += k
+        want = golden_logits[f"{c['name']}.last_logits"]
+        got = m.logits(c["input_ids"])[-1]
+        assert (got - want).abs().max() < bound, c["name"]
+        top2 = want.topk(2).values
+        if top2[0] - top2[1] > 2 * bound:
+            assert got.argmax() == want.argmax(), c["name"]
+            checked += 1
+        ids = m.generate(c["input_ids"], max_new_tokens=24)
+        n = min(len(ids), len(c["greedy_new_ids"]))
+        agree += next((i for i in range(n) if ids[i] != c["greedy_new_ids"][i]), n)
         total += len(c["greedy_new_ids"])
-    print(f"{dtype}: {agree}/{total} greedy tokens equal to the fp32 goldens before divergence")
+    print(f"{dtype}: {agree}/{total} greedy tokens equal to the fp32 goldens before divergence; "
+          f"top-1 checked on {checked} cases")
     assert agree / total > 0.5
+    assert checked >= (6 if dtype == "float16" else 0)

@@ -1,7 +1,9 @@
-"""Weight-only int8/int4 quantization: formats, official-checkpoint compatibility, kernels."""
+"""Weight-only int8/int4 quantization: formats, official-checkpoint compatibility, the layer's
+dispatch and the CPU kernels against their dequantize-and-matmul reference."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from localglm.convert import quantize_stream
 from localglm.quantize import (
     INT4_GROUP_SIZES,
     QUANTIZED_LINEAR_NAMES,
     QuantizedLinear,
+    cpu_kernels,
     dequantize_int4_grouped,
     dequantize_int4_official,
     dequantize_int8,
@@ -22,7 +26,6 @@ from localglm.quantize import (
     quantize_int4_official,
     quantize_int8_official,
     quantize_int8_rowwise,
-    quantize_model,
     unpack_int4_grouped,
     unpack_int4_official,
 )
@@ -193,31 +196,6 @@ def test_official_unpack_and_dequant(int4_sd, int8_sd):
         assert torch.equal(dequantize_int8(q8, s8), q8.float() * s8.float()[:, None])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_from_official_lossless(bits, int4_sd, int8_sd):
-    sd = int4_sd if bits == 4 else int8_sd
-    name = "transformer.layers.1.mlp.dense_4h_to_h"
-    w, s, b = sd[name + ".weight"], sd[name + ".weight_scale"], sd[name + ".bias"]
-    m = QuantizedLinear.from_official(w, s, b, bits)
-    assert (m.out_features, m.in_features) == (64, 256)
-    assert m.weight is w and m.weight_scale is s  # stored as given, no copy, no rounding
-    ref = dequantize_int4_official(w, s) if bits == 4 else dequantize_int8(w, s)
-    assert torch.equal(m.dequantize(), ref)
-    x = torch.randn(3, 256)
-    # fp32 native kernel: per-row scale spread over groups exactly (fp16 -> fp32 is exact).
-    y = m.forward_kernel(x)
-    torch.testing.assert_close(y, x @ ref.T + b.float(), rtol=1e-5, atol=1e-5)
-
-
-def test_from_official_rejects_bad_tensors():
-    from localglm.errors import ModelFormatError
-
-    with pytest.raises(ModelFormatError):
-        QuantizedLinear.from_official(torch.zeros(4, 4), torch.zeros(4), None, 8)
-    with pytest.raises(ModelFormatError):
-        QuantizedLinear.from_official(torch.zeros(4, 4, dtype=torch.int8), torch.zeros(3), None, 4)
-
-
 # ------------------------------------------------------------------------------------------
 # QuantizedLinear vs its reference
 # ------------------------------------------------------------------------------------------
@@ -243,64 +221,132 @@ def _layer(out_f, in_f, bits, group, seed=0):
     return lin, QuantizedLinear.from_linear(lin, bits, group)
 
 
+# Layers the CPU kernels take (K a multiple of the activation block), incl. odd row counts.
+KERNEL_CASES = [
+    (48, 256, 8, 0),
+    (33, 384, 8, 0),
+    (9, 64, 8, 0),
+    (40, 128, 4, 0),
+    (7, 320, 4, 0),
+    (64, 256, 4, 32),
+    (17, 192, 4, 32),
+    (33, 256, 4, 64),
+    (20, 384, 4, 128),
+    (5, 512, 4, 256),
+]
+
+
+def kernel_bound(x: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor:
+    """Worst-case |error| of the int8-activation kernels, elementwise [M, N].
+
+    Each activation block of `block` columns is rounded to int8 with scale amax/127, so every
+    element moves by at most amax/254; the integer dot products are exact, and the float
+    accumulation adds at most ~1e-5 relative to |x| @ |W|^T.
+    """
+    m, k = x.shape
+    amax = x.abs().view(m, k // block, block).amax(-1)  # [M, B]
+    wsum = w.abs().view(w.shape[0], k // block, block).sum(-1)  # [N, B]
+    return (amax / 254) @ wsum.T + 1e-5 * (x.abs() @ w.abs().T)
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.supported(),
+                                   reason="the CPU kernels need numba and AVX2")
+
+
+@pytest.mark.reduced_precision
+@needs_kernels
+@pytest.mark.parametrize("out_f,in_f,bits,group", KERNEL_CASES)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_cpu_kernel_within_stated_bound(out_f, in_f, bits, group, rows):
+    lin, m = _layer(out_f, in_f, bits, group)
+    x = (torch.randn(rows, in_f) * torch.rand(in_f) * 3).half()  # uneven column magnitudes
+    assert m.kernel(x) == "cpu-gemv"
+    assert m.kernel(x.float()) == "reference"  # float32 activations: the exact mode
+    w = m.dequantize()
+    ref = x.double() @ w.double().T + lin.bias.detach().double()
+    y = cpu_kernels.matmul_int8(x, m.weight, m.weight_scale) if bits == 8 else \
+        cpu_kernels.matmul_int4(x, m.weight, m.weight_scale, m.weight_zero if group else None,
+                                group)
+    # forward() is that kernel, its result cast to x's dtype, plus the bias
+    assert torch.equal(m(x), y.half() + lin.bias.detach().half())
+    y = y + lin.bias.detach()  # float32: the kernel's own error, before the fp16 output
+    err = (y.double() - ref).abs()
+    bound = kernel_bound(x.double(), w.double(), cpu_kernels.block(bits, group, in_f))
+    assert (err <= bound).all(), float((err - bound).max())
+    # and the bound is not vacuous: the error is a small fraction of the output scale
+    assert err.max() < 0.02 * (x.float().abs() @ w.abs().T).max()
+
+
+@pytest.mark.reduced_precision
+@needs_kernels
+def test_cpu_kernel_reports_instruction_set():
+    """The kernels compile for the instruction set numba targets (AVX2 forced by
+    NUMBA_CPU_NAME/NUMBA_CPU_FEATURES, see test_isa.py), and that is what the layer reports."""
+    _, m = _layer(64, 256, 4, 128)
+    isa = cpu_kernels.isa()
+    assert isa in ("avx2", "avx-vnni", "avx512-vnni")
+    forced = os.environ.get("NUMBA_CPU_FEATURES")
+    if forced:
+        assert isa == ("avx2" if "+avx512vnni" not in forced and "+avxvnni" not in forced
+                       else isa)
+    assert m.describe_kernel(torch.randn(1, 256).bfloat16()) == f"numba {isa} int4"
+
+
 @pytest.mark.parametrize("out_f,in_f,bits,group", CASES)
-def test_kernel_fp32_matches_reference(out_f, in_f, bits, group):
+def test_forward_fp32_matches_reference(out_f, in_f, bits, group):
+    """Layers the kernels cannot take (K not a multiple of the block) run the reference."""
     lin, m = _layer(out_f, in_f, bits, group)
     assert (m.in_features, m.out_features, m.bits, m.group_size) == (in_f, out_f, bits, group)
     x = torch.randn(2, 3, in_f)
     ref = x @ m.dequantize().T + lin.bias.detach()
-    # forward() in fp32 = dequantize + F.linear.
-    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
-    # The native kernel (padding K to the group and N to 16 where needed) computes the same
-    # thing in fp32; only the summation order differs.
-    y = m.forward_kernel(x)
-    assert y.shape == (2, 3, out_f)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    if not cpu_kernels.shape_ok(bits, group, in_f):
+        assert m.kernel(x) == "reference"
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
     # Weight error vs the float layer: at most half a quantization step (+ bf16 zero rounding).
     assert (m.dequantize() - lin.weight).abs().max() < 0.1
 
 
-@pytest.mark.parametrize("out_f,in_f,bits,group", CASES)
-def test_bf16_forward_within_rounding_bound(out_f, in_f, bits, group):
-    """bf16 activations: forward() uses the native kernel where it fits.
+@pytest.mark.reduced_precision
+@pytest.mark.parametrize("out_f,in_f,bits,group", KERNEL_CASES)
+def test_prefill_tiles_match_reference(out_f, in_f, bits, group, monkeypatch):
+    """More rows than the matrix-vector kernels take: dequantized tiles through a GEMM (the
+    tile size shrunk so that several tiles are used), fp32 exact up to summation order."""
+    import localglm.quantize.linear as qlinear
 
-    Error sources vs the exact fp32 result on the same bf16 inputs, each <= u = 2^-8 relative:
-    the bf16 copy of fp16 per-row scales (official formats; localglm scales are stored in bf16),
-    rounding the dequantized weights to bf16 inside the kernel (or in the reference path), the
-    bf16 output and the bf16 bias add. Accumulation is fp32 (negligible). Bounded elementwise by
-    4u * (|x| @ |W|^T + |b|): relative to the magnitude of the terms summed, not to |y|, which
-    can cancel to ~0.
-    """
-    lin, m = _layer(out_f, in_f, bits, group, seed=1)
-    x = torch.randn(4, in_f).bfloat16()
-    w = m.dequantize()  # [out, in] fp32, exact
-    b = lin.bias.detach()
+    monkeypatch.setattr(qlinear, "PREFILL_TILE_ROWS", 8)
+    lin, m = _layer(out_f, in_f, bits, group)
+    x = torch.randn(qlinear.CPU_GEMV_MAX_ROWS + 1, in_f).half()  # fp16: always an fp32 GEMM
+    if not cpu_kernels.supported():
+        pytest.skip("the CPU kernels need numba and AVX2")
+    assert m.kernel(x) == "cpu-tiled"
+    ref = (x.float() @ m.dequantize().T).half().float() + lin.bias.detach()
+    torch.testing.assert_close(m(x).float(), ref, rtol=2e-3, atol=1e-3 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 32)])
+def test_torch_kernels_where_numba_cannot_run(bits, group, monkeypatch):
+    """Without the numba kernels, bf16 calls of up to 256 rows take PyTorch's own kernels:
+    within bf16 rounding of the reference (4 roundings of u = 2^-8, relative to the terms)."""
+    monkeypatch.setattr(cpu_kernels, "supported", lambda: False)
+    lin, m = _layer(48, 256, bits, group, seed=1)
+    x = torch.randn(4, 256).bfloat16()
+    assert m.kernel(x) == f"torch-int{bits}"
+    w, b = m.dequantize(), lin.bias.detach()
     ref = x.float() @ w.T + b
     bound = 4 * BF16_U * (x.float().abs() @ w.abs().T + b.abs())
     y = m(x)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16 and m._torch_cache
     assert ((y.float() - ref).abs() <= bound).all()
-    # Typical error is a fraction of that worst case.
-    assert ((y.float() - ref).abs().max() / ref.abs().max()) < 2 * BF16_U
+    assert m.kernel(torch.randn(257, 256).bfloat16()) == "reference"
 
 
-def test_bf16_scale_rounding_cost():
-    """The official fp16 row scales become bf16 for the bf16 kernel: a per-row gain change of
-    at most u = 2^-8 (mean ~u/4), the same size as bf16's own output rounding."""
-    torch.manual_seed(5)
-    s = (torch.rand(4096) * 0.05 + 1e-3).half()  # normal fp16 range, like real scales
-    rel = ((s.bfloat16().float() - s.float()) / s.float()).abs()
-    assert rel.max() <= BF16_U and rel.mean() < BF16_U / 2
-
-
-def test_bf16_int8_kernel_needs_k_multiple_of_32():
-    # torch 2.13's AVX2 bf16 int8 kernel reads out of bounds for K % 8 != 0; forward() must
-    # route such layers to the reference path instead of crashing.
+def test_bf16_int8_torch_kernel_needs_k_multiple_of_32(monkeypatch):
+    # torch 2.13's AVX2 bf16 int8 kernel reads out of bounds for K % 8 != 0; such layers must
+    # take the reference path instead of crashing.
+    monkeypatch.setattr(cpu_kernels, "supported", lambda: False)
     _, m = _layer(8, 100, 8, 0)
     x = torch.randn(3, 100).bfloat16()
-    assert not m.kernel_fits(x)
-    with pytest.raises(ValueError, match="no native int8 kernel"):
-        m.forward_kernel(x)
+    assert m.kernel(x) == "reference"
     torch.testing.assert_close(m(x), m.forward_reference(x))
 
 
@@ -340,7 +386,7 @@ def test_autograd_matches_reference(bits, group):
     (nn.functional.linear(xr, w, b) * weights).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.bias.grad, b.grad)
-    # bf16 input: kernel forward, backward through the fp32 dequantized weight.
+    # bf16 input: exact forward, backward through the fp32 dequantized weight.
     m.bias.requires_grad_(False)
     xb = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
     m(xb).float().sum().backward()
@@ -348,34 +394,15 @@ def test_autograd_matches_reference(bits, group):
     torch.testing.assert_close(xb.grad, w.sum(0).expand(4, 64).bfloat16())
 
 
-def test_cpu_kernel_row_limits(monkeypatch):
-    _, m = _layer(32, 64, 8, 0)
-    calls = []
-    monkeypatch.setattr(m, "forward_kernel", lambda x: calls.append(x.shape) or x[..., :32])
-    m(torch.randn(10, 64).bfloat16())  # bf16: kernel up to 256 rows
-    m(torch.randn(2, 64))  # fp32: kernel only for decode-sized calls
-    assert calls == [(10, 64), (2, 64)]
-    x = torch.randn(3, 64)
-    torch.testing.assert_close(m(x), x @ m.dequantize().T + m.bias, rtol=0, atol=1e-5)
-    # Long bf16 prefills go to the fp32 dequantize + GEMM path.
-    x = torch.randn(257, 64).bfloat16()
-    assert torch.equal(m(x), (x.float() @ m.dequantize().T + m.bias.float()).bfloat16())
-    m.cpu_dequant_min_rows = 8  # per-instance override (the loader sets one)
-    x = torch.randn(8, 64).bfloat16()
-    assert torch.equal(m(x), (x.float() @ m.dequantize().T + m.bias.float()).bfloat16())
-    m.cpu_dequant_min_rows = None
-    m(torch.randn(1000, 64).bfloat16())
-    assert calls == [(10, 64), (2, 64), (1000, 64)]
-
-
-def test_cast_keeps_scales_and_drops_kernel_cache():
+def test_cast_keeps_scales_and_drops_kernel_cache(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "supported", lambda: False)
     _, m = _layer(32, 64, 4, 0)
-    m.prepare(torch.bfloat16)
-    assert m._kernel_cache
+    m(torch.randn(1, 64).bfloat16())
+    assert m._torch_cache
     scale = m.weight_scale.clone()
     m.to(torch.bfloat16)
     assert m.weight_scale.dtype == torch.float16 and torch.equal(m.weight_scale, scale)
-    assert m.bias.dtype == torch.bfloat16 and not m._kernel_cache
+    assert m.bias.dtype == torch.bfloat16 and not m._torch_cache
     _, g = _layer(32, 64, 4, 32)
     g.half()
     assert g.weight_scale.dtype == g.weight_zero.dtype == torch.bfloat16
@@ -424,16 +451,26 @@ class _Model(nn.Module):
         self.lm_head = nn.Linear(h, 100, bias=False)
 
 
+def quantized(model: nn.Module, bits: int, group: int) -> nn.Module:
+    """The loader's route: quantize the state dict as it streams, load into a skeleton."""
+    sd = dict(quantize_stream(model.state_dict().items(), bits, group))
+    with torch.device("meta"):
+        skeleton = type(model)()
+    make_quantized_skeleton(skeleton, bits, group, "localglm" if group else "official")
+    skeleton.load_state_dict(sd, assign=True)
+    return skeleton
+
+
 def _expected(n=2):
     return {f"transformer.layers.{i}.{name}" for i in range(n) for name in QUANTIZED_LINEAR_NAMES}
 
 
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 32)])
-def test_quantize_model_swaps_exactly_the_four(bits, group):
+def test_quantize_stream_swaps_exactly_the_four(bits, group):
     torch.manual_seed(6)
     model = _Model()
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "bias")}
-    assert quantize_model(model, bits, group) is model
+    model = quantized(model, bits, group)
     swapped = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     assert swapped == _expected()
     for n, m in model.named_modules():
@@ -449,7 +486,7 @@ def test_quantize_model_swaps_exactly_the_four(bits, group):
 )
 def test_safetensors_roundtrip(tmp_path, bits, group, fmt):
     torch.manual_seed(7)
-    model = quantize_model(_Model(), bits, group)
+    model = quantized(_Model(), bits, group)
     sd = model.state_dict()
     names = {k for k in sd if k.startswith("transformer.layers.0.attention.dense.")}
     expect = {"weight", "weight_scale", "bias"} | ({"weight_zero"} if group else set())
@@ -492,8 +529,21 @@ def test_skeleton_rejects_wrong_weight_dtype():
     with torch.device("meta"):
         model = _Model()
     make_quantized_skeleton(model, 4, 32, "localglm")
-    sd = quantize_model(_Model(), 4, 0).state_dict()  # int8-packed official weights
+    sd = quantized(_Model(), 4, 0).state_dict()  # int8-packed official weights
     with pytest.raises(RuntimeError, match="uint8"):
         model.load_state_dict(sd, assign=True)
     with pytest.raises(ValueError):
         make_quantized_skeleton(_Model(), 4, 32, "official")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 32), (4, 128)])
+def test_prefill_tiles_are_the_reference_values(bits, group, dtype):
+    """The numba tile dequantization gives exactly the reference's values (rounded once to
+    bf16 for a bf16 tile), for any row range."""
+    _, m = _layer(70, 256, bits, group)
+    out = torch.empty(30, 256, dtype=dtype)
+    cpu_kernels.dequantize_tile(m.weight, m.weight_scale, m.weight_zero if group else None,
+                                bits, group, slice(40, 70), out)
+    assert torch.equal(out, m.dequantize(dtype)[40:70])

@@ -266,6 +266,36 @@ BAD_REQUESTS = [
      "dimensions"),
     ("oversized body", "/v1/chat/completions",
      _chat(user="x" * (1 << 20)), 413, None),
+    ("embedding empty string", "/v1/embeddings", b'{"input": ""}', 400, "input"),
+    ("embedding empty string in a list", "/v1/embeddings", b'{"input": ["a", ""]}', 400,
+     "input[1]"),
+    ("tools", "/v1/chat/completions", _chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {}}}]), 400, "tools"),
+    ("tool_choice", "/v1/chat/completions", _chat(tool_choice="required"), 400,
+     "tool_choice"),
+    ("functions", "/v1/chat/completions", _chat(functions=[{"name": "f"}]), 400,
+     "functions"),
+    ("logit_bias", "/v1/chat/completions", _chat(logit_bias={"5": 10}), 400, "logit_bias"),
+    ("presence_penalty", "/v1/chat/completions", _chat(presence_penalty=0.5), 400,
+     "presence_penalty"),
+    ("json_schema", "/v1/chat/completions", _chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x"}}), 400, "response_format.type"),
+    ("unknown response_format", "/v1/chat/completions", _chat(response_format={
+        "type": "yaml"}), 400, "response_format.type"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", _chat(top_logprobs=2), 400,
+     "top_logprobs"),
+    ("too many top_logprobs", "/v1/chat/completions", _chat(logprobs=True, top_logprobs=21),
+     400, "top_logprobs"),
+    ("completion suffix", "/v1/completions", b'{"prompt": "a", "suffix": "b"}', 400,
+     "suffix"),
+    ("completion logprobs > 5", "/v1/completions", b'{"prompt": "a", "logprobs": 6}', 400,
+     "logprobs"),
+    ("completion echo with logprobs", "/v1/completions",
+     b'{"prompt": "a", "logprobs": 1, "echo": true}', 400, "logprobs"),
+    ("tiny repetition_penalty", "/v1/completions",
+     b'{"prompt": "a", "repetition_penalty": 5e-324}', 400, "repetition_penalty"),
+    ("api.py fractional max_length", "/", b'{"prompt": "a", "max_length": 102.5}', 422,
+     "max_length"),
 ]
 
 
@@ -464,3 +494,79 @@ def test_dropped_rounds_are_reported_in_a_header(server):
     r = httpx.post(f"{server}/", json={"prompt": "你好", "history": []}, timeout=60)
     assert r.headers["X-LocalGLM-Dropped-Rounds"] == "0"
     assert set(r.json()) == {"response", "history", "status", "time"}
+
+
+def test_unsupported_options_are_refused_by_name(server):
+    r = httpx.post(f"{server}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}]}, timeout=30)
+    err = assert_error(r, 400, "tools")
+    assert err["code"] == "unsupported_parameter" and "not supported" in err["message"]
+    # Their "off" values are fine: clients send them by default.
+    r = httpx.post(f"{server}/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": [],
+        "tool_choice": "none", "presence_penalty": 0, "frequency_penalty": 0,
+        "logit_bias": {}, "response_format": {"type": "text"}, "logprobs": False})
+    assert r.status_code == 200, r.text
+
+
+def test_apipy_accepts_an_integral_float_max_length(server, tiny):
+    want = tiny.chat("你好", [], temperature=0, max_length=30)[0]
+    r = httpx.post(f"{server}/", json={"prompt": "你好", "history": [], "max_length": 30.0,
+                                       "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["response"] == want
+
+
+def test_a_byte_order_mark_before_the_body_is_accepted(server, tiny):
+    body = b"\xef\xbb\xbf" + _chat(max_tokens=4, temperature=0)
+    r = httpx.post(f"{server}/v1/chat/completions", content=body, timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected_chat(tiny, "hi",
+                                                                         max_tokens=4)
+
+
+def test_the_prompt_is_fitted_once_per_request(server, monkeypatch):
+    import localglm.chat
+
+    calls = []
+    fit = localglm.chat.fit_prompt
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(localglm.chat, "fit_prompt", counting)
+    history = [{"role": r, "content": "很长的一段话" * 12}
+               for _ in range(6) for r in ("user", "assistant")]
+    body = {"messages": history + [{"role": "user", "content": "你好"}], "temperature": 0,
+            "max_tokens": 4}
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and int(r.headers["X-LocalGLM-Dropped-Rounds"]) > 0
+    assert calls == ["你好"]
+    calls.clear()
+    r = httpx.post(f"{server}/", json={"prompt": "你好", "max_length": 30}, timeout=60)
+    assert r.status_code == 200 and calls == ["你好"]
+
+
+def test_a_prompt_that_does_not_fit_names_the_api_fields(server):
+    long = "你好 " * 400
+    r = httpx.post(f"{server}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": long}], "max_tokens": 8}, timeout=30)
+    err = assert_error(r, 400, "messages")
+    assert err["code"] == "context_length_exceeded"
+    assert "max_tokens=8" in err["message"] and "max_new_tokens" not in err["message"]
+    assert "256" in err["message"]
+    r = httpx.post(f"{server}/", json={"prompt": long, "max_length": 100}, timeout=30)
+    err = assert_error(r, 400, "prompt")
+    assert "max_length=100" in err["message"] and "max_new_tokens" not in err["message"]
+
+
+def test_a_vanishing_temperature_is_greedy_not_an_overflow(server, tiny):
+    r = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "temperature": 1e-300})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected_chat(tiny, "hi",
+                                                                         max_tokens=4)

@@ -187,3 +187,111 @@ def drive_chat(page, base, slow, full, second, greedy, tiny, tmp_path):
     chat.send("继续")
     assert chat.wait_answer(1, served) == tiny.chat("继续", [], **greedy)[0]
     assert external == []
+
+
+def open_chat(page, base) -> ChatPage:
+    page.goto(f"{base}/chat/", wait_until="load")
+    page.wait_for_selector("#localglm-input textarea", timeout=30_000)
+    chat = ChatPage(page, base)
+    page.click("#localglm-settings button, #localglm-settings .label-wrap")
+    chat.set_number("localglm-temperature", 0)
+    chat.set_number("localglm-max-length", MAX_LENGTH)
+    return chat
+
+
+def wait_partial(chat: ChatPage, n: int = 1, timeout: float = 10) -> str:
+    """The n-th answer once some of its text (not the waiting note) is on screen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answers = chat.answers()
+        if len(answers) >= n and answers[n - 1].strip() and "⏳" not in answers[n - 1]:
+            return answers[n - 1]
+        time.sleep(0.03)
+    raise AssertionError(f"no partial answer {n}: {chat.answers()}")
+
+
+def no_error_shown(page) -> bool:
+    return page.get_by_text("Error", exact=True).count() == 0
+
+
+def test_new_chat_and_regenerate_mid_stream_reset_the_conversation(gradio, browser, tiny):
+    greedy = {"temperature": 0, "max_length": MAX_LENGTH}
+    slow = SlowModel(tiny, 0.1)
+    with running_server(slow, webui=True) as (base, _):
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        try:
+            chat = open_chat(page, base)
+            # New chat (the button, then the chatbot's trash icon) while an answer streams,
+            # several times: the screen empties at once and stays empty, the old round never
+            # comes back with the next message, and the engine is free.
+            for i in range(6):
+                chat.send(f"第{i}个问题")
+                wait_partial(chat)
+                assert chat.questions() == 1, "an old round came back with the message"
+                if i % 2:
+                    page.locator("#localglm-chatbot button[aria-label='Clear']").click()
+                else:
+                    page.click("#localglm-clear")
+                deadline = time.monotonic() + 3
+                while chat.questions() and time.monotonic() < deadline:
+                    time.sleep(0.03)
+                assert chat.questions() == 0 and chat.answers() == [], f"try {i}"
+                assert wait_idle(base, timeout=3) < 3
+                time.sleep(0.6)  # a late update of the old answer would land by now
+                assert chat.questions() == 0 and chat.answers() == [], f"try {i}"
+                assert no_error_shown(page), f"try {i}"
+
+            # Regenerate while an answer streams: the old answer stops (one more job, not
+            # two), and the answer starts again and only grows to the whole (greedy) answer.
+            full = tiny.chat("你好", [], **greedy)[0]
+            for _ in range(3):
+                chat.send("你好")
+                first = wait_partial(chat)
+                while len(chat.answers()[0]) <= len(first) + 2:
+                    time.sleep(0.03)
+                served = chat.served()
+                seen = [chat.answers()]
+                page.click("#localglm-regen")
+                deadline = time.monotonic() + 30
+                while chat.served() < served + 2 and time.monotonic() < deadline:
+                    seen.append(chat.answers())
+                    time.sleep(0.03)
+                seen.append(chat.answers())
+                texts = [a[0] for a in seen if len(a) == 1 and "⏳" not in a[0]]
+                assert all(len(a) <= 1 for a in seen) and chat.questions() == 1
+                restart = next((i for i in range(1, len(texts))
+                                if len(texts[i]) < len(texts[i - 1])), None)
+                assert restart is not None, texts
+                after = texts[restart:]
+                assert all(len(a) <= len(b) for a, b in zip(after, after[1:], strict=False)), after
+                assert chat.wait_answer(1, served + 1) == full
+                assert chat.served() == served + 2  # the stopped answer and the new one
+                assert no_error_shown(page)
+                page.click("#localglm-clear")
+                wait_idle(base)
+        finally:
+            page.close()
+
+
+def test_a_queued_message_says_that_it_waits(gradio, browser, tiny):
+    slow = SlowModel(tiny, 0.05)
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 200,
+            "temperature": 0, "stream": True}
+    with running_server(slow, webui=True) as (base, _):
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        try:
+            chat = open_chat(page, base)
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body,
+                              timeout=30) as r:
+                lines = r.iter_lines()
+                next(line for line in lines if '"content":"' in line and '""' not in line)
+                chat.send("你好")
+                deadline = time.monotonic() + 10
+                while "⏳" not in "".join(chat.answers()) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert chat.answers() == ["⏳ waiting for 1 earlier request(s)…"]
+            # The API client went away: the browser's answer streams in.
+            wait_partial(chat)
+            assert "⏳" not in chat.answers()[0]
+        finally:
+            page.close()

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="int4",
                    choices=["int4", "int8", "bfloat16", "float16", "float32"],
                    help="weight format (default: int4)")
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size (default: 32)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size when quantizing (default: localglm's, 128)")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="activation dtype (default: the device's fastest)")
     p.add_argument("--prompts", default="32,256,1000",
@@ -28,14 +29,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=16,
                    help="tokens to time per decode measurement (default: 16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="CPU code path: native (the best this CPU has) or avx2, to measure what "
+                   "an AVX2-only CPU runs (PyTorch, oneDNN and the numba kernels alike)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _rerun_with_avx2() -> None:
+    """PyTorch and numba choose their code path once, at import: start again with the AVX2
+    environment set."""
+    import os
+
+    from ..quantize.cpu_kernels import AVX2_ENV
+
+    env = {**os.environ, **AVX2_ENV}
+    os.execve(sys.executable, [sys.executable, "-m", "localglm.cli", *sys.argv[1:]], env)
+
+
 def main(args: argparse.Namespace) -> int:
+    import os
+
+    if args.isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        _rerun_with_avx2()
     import torch
 
     from .. import bench
-    from ..loader import DTYPES, default_compute_dtype, load
+    from ..loader import DEFAULT_GROUP_SIZE, DTYPES, default_compute_dtype, load
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,11 +70,13 @@ def main(args: argparse.Namespace) -> int:
         dtype = (DTYPES[args.compute_dtype] if args.compute_dtype else
                  DTYPES.get(args.precision) or default_compute_dtype(torch.device("cpu")))
         log(f"building {name} in {args.precision} with random weights...")
-        model = bench.synthetic_model(bench.CHATGLM_6B, args.precision, dtype, args.group_size)
+        model = bench.synthetic_model(bench.CHATGLM_6B, args.precision, dtype,
+                                      args.group_size or DEFAULT_GROUP_SIZE)
     else:
         name = args.model
         model = load(args.model, precision=args.precision, device="cpu",
-                     compute_dtype=args.compute_dtype, group_size=args.group_size)
+                     compute_dtype=args.compute_dtype,
+                     group_size=args.group_size or DEFAULT_GROUP_SIZE)
         dtype = model.dtype
     load_s = time.perf_counter() - t
     res = bench.run(model, name, args.precision, dtype, load_s, prompts, args.decode_tokens,
@@ -71,12 +92,18 @@ def main(args: argparse.Namespace) -> int:
 
 def print_table(r) -> None:
     print(f"\n{r.model}: {r.precision} weights, {r.compute_dtype} activations, "
-          f"{r.threads} threads")
+          f"{r.threads} threads; {r.isa}")
+    for shape, kernel in r.kernels.items():
+        print(f"  {shape}: {kernel}")
     rows = [("load", f"{r.load_s:.1f} s"),
             ("weights read per token", f"{r.weight_bytes / 2**30:.2f} GiB")]
     rows += [(f"prefill {n} tokens", f"{v:.1f} tokens/s")
              for n, v in r.prefill_tokens_per_s.items()]
     rows += [("decode, short prompt", f"{r.decode_ms_per_token:.0f} ms/token"),
+             ("  of which quantized linears + head", f"{r.linear_ms_per_token:.0f} ms"),
+             ("  everything else", f"{r.other_ms_per_token:.0f} ms"),
+             ("decode with the chat sampler", f"{r.decode_ms_per_token_sampled:.0f} ms/token"),
+             ("  the sampler alone", f"{r.sampler_ms_per_token:.2f} ms/token"),
              (f"decode, after {r.long_context} tokens",
               f"{r.decode_ms_per_token_long:.0f} ms/token"),
              ("memory read bandwidth", f"{r.bandwidth_gbs:.1f} GB/s"),

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..chat import normalize_history, response_streamer, tokens
+from ..demo import NAME as DEMO
 from ..errors import ContextTooLongError, LocalGLMError
 from ..options import CHAT_DEFAULTS
 from .common import add_generation_arguments, add_model_arguments, generation_kwargs, load_from_args
@@ -32,7 +33,7 @@ _SLASH_WORD = re.compile(r"/[A-Za-z]*")  # "/usr/bin 是什么?" is a question, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, default=DEMO)
     p.add_argument("-p", "--prompt", default=None,
                    help="answer this prompt once and exit ('-' or a pipe reads stdin)")
     p.add_argument("--history", default=None, metavar="FILE",

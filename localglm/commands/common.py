@@ -11,12 +11,12 @@ import argparse
 import dataclasses
 import sys
 
-from ..errors import LocalGLMError
+from ..errors import LocalGLMError, ModelFormatError
 from ..options import GenerationConfig, check_option
 
-_SKIP = {"do_sample", "stop"}  # do_sample follows --temperature; stop is API-only
+# do_sample follows --temperature; the others are API-only
+_SKIP = {"do_sample", "stop", "logprobs", "json_object"}
 _INTS = {"max_new_tokens", "max_length", "top_k", "seed"}
-GROUP_SIZE = 32  # int4 group size when quantizing, as localglm.load's default
 
 
 def option_type(name: str, kind: type):
@@ -48,9 +48,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="model directory or Hugging Face model id (from the local cache)")
+def add_model_arguments(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """MODEL and the options that say how to load it; with ``default``, MODEL is optional."""
+    optional = {"nargs": "?", "default": default} if default else {}
+    p.add_argument("model", metavar="MODEL", **optional,
+                   help="model directory or Hugging Face model id (from the local cache); "
+                   "'demo' is the small built-in model" +
+                   (f" (default: {default})" if default else ""))
     p.add_argument("--precision", default="auto",
                    choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
                    help="weight precision (default: auto, chosen from the checkpoint and the "
@@ -90,17 +94,11 @@ def add_generation_arguments(p: argparse.ArgumentParser, defaults: dict) -> None
                        help=f"{f.metadata['help']} (default: {shown})")
 
 
-def add_group_size_argument(p: argparse.ArgumentParser, choices=None) -> None:
-    """--group-size, which only int4 uses: checked against --precision by ``group_size``."""
-    p.add_argument("--group-size", type=int, default=None, choices=choices,
-                   help="int4 group size (0 = one scale per row, THUDM's own int4 recipe; "
-                   f"default: {GROUP_SIZE}); only with --precision int4")
-
-
-def group_size(args: argparse.Namespace) -> int:
-    """The int4 group size asked for; an error when --group-size comes with another precision."""
+def group_size(args: argparse.Namespace, default: int) -> int:
+    """The int4 group size asked for (``default`` if none); an error when --group-size comes
+    with another precision, where it would be ignored."""
     if args.group_size is None:
-        return GROUP_SIZE
+        return default
     if args.precision != "int4":
         raise LocalGLMError(f"--group-size applies to --precision int4 only, not "
                             f"{args.precision}; leave it out")
@@ -135,15 +133,21 @@ def check_model_limits(args: argparse.Namespace, context: int, config_path) -> N
 def load_from_args(args: argparse.Namespace, **extra):
     """Check the flags against the model's config, then load it."""
     from ..config import ModelConfig
+    from ..demo import MODEL_DIR, NOTICE, is_demo
     from ..loader import load
     from ..weights import resolve_model_path
 
-    path = resolve_model_path(args.model)
-    cfg = ModelConfig.from_file(path / "config.json")
-    check_model_limits(args, cfg.max_sequence_length, path / "config.json")
-    model = load(path, precision=args.precision, device=args.device,
+    path = (MODEL_DIR if is_demo(args.model) else resolve_model_path(args.model)) / "config.json"
+    try:
+        context = ModelConfig.from_file(path).max_sequence_length
+    except ModelFormatError:
+        context = None  # load() reports this with every other problem of the directory
+    if context is not None:
+        check_model_limits(args, context, path)
+    if is_demo(args.model):
+        print(NOTICE, file=sys.stderr, flush=True)
+    model = load(args.model, precision=args.precision, device=args.device,
                  compute_dtype=args.compute_dtype, max_context=args.max_context,
                  ptuning=args.ptuning, adapter=args.adapter, devices=args.devices,
                  progress=sys.stderr.isatty(), **extra)
     return model
-

@@ -96,20 +96,28 @@ def train_config(args: argparse.Namespace):
         progress=sys.stderr.isatty(), base_model=str(args.model))
 
 
-def read_data(args: argparse.Namespace, tokenizer, max_context: int):
-    from ..finetune.data import Columns, Limits, load_dataset
+def read_data(args: argparse.Namespace) -> dict:
+    """Parse and check --data and --eval-data without a tokenizer: a broken line is reported
+    (FILE:LINE: problem) before the model is loaded."""
+    from ..finetune.data import Columns, read_examples
 
     columns = Columns(args.prompt_column, args.response_column, args.history_column)
+    files = {"train": args.data, "eval": args.eval_data}
+    return {k: (path, *read_examples(path, columns)) for k, path in files.items() if path}
+
+
+def encode_data(args: argparse.Namespace, data: dict, tokenizer, max_context: int):
+    from ..finetune.data import Limits, encode_examples
+
     seq = args.max_seq_len
     if seq is None and not (args.max_source_len or args.max_target_len):
         seq = max_context  # longer sequences would not fit the model anyway
     limits = Limits(args.max_source_len, args.max_target_len, seq)
-    train = load_dataset(args.data, tokenizer, limits, columns)
-    evals = load_dataset(args.eval_data, tokenizer, limits, columns) if args.eval_data else None
-    for ds in (train, evals):
-        if ds is not None:
-            print(ds.summary(), file=sys.stderr)
-    return train, evals
+    sets = {k: encode_examples(examples, fmt, path, tokenizer, limits)
+            for k, (path, examples, fmt) in data.items()}
+    for ds in sets.values():
+        print(ds.summary(), file=sys.stderr)
+    return sets["train"], sets.get("eval")
 
 
 def training_compute_dtype(args: argparse.Namespace) -> str | None:
@@ -136,23 +144,33 @@ def _check_args(args: argparse.Namespace) -> Path:
         raise LocalGLMError(f"{out} is a file; choose a directory for the adapter")
     if out.is_dir() and any(out.iterdir()) and not args.resume:
         raise LocalGLMError(f"{out} is not empty; choose a new directory or pass --resume")
+    if args.max_seq_len is not None and args.max_seq_len < 5:
+        raise LocalGLMError(f"--max-seq-len {args.max_seq_len} is too small: a sequence needs "
+                            "at least 5 tokens ([gMASK] <sop> <eop> and some text)")
     return out
+
+
+def _slow_dtype_note(args: argparse.Namespace, llm) -> None:
+    """Warn about reduced-precision training on a CPU only when the user asked for it."""
+    asked = {args.compute_dtype, args.precision} & {"bfloat16", "float16"}  # not "auto"
+    if asked and llm.device.type == "cpu" and llm.dtype != torch.float32:
+        print(f"note: training with {str(llm.dtype).removeprefix('torch.')} activations on a "
+              "CPU can be very slow (PyTorch's reduced-precision backward matmuls); with "
+              "--precision int4/int8 the default is float32 activations", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
     out = _check_args(args)
     cfg = train_config(args)  # validate the options before the (slow) model load
+    data = read_data(args)  # and the data files
     from ..finetune.train import train
     from ..loader import load
 
     llm = load(args.model, precision=args.precision, device=args.device,
                compute_dtype=training_compute_dtype(args), max_context=args.max_context,
                devices=getattr(args, "devices", None), progress=sys.stderr.isatty())
-    if llm.device.type == "cpu" and llm.dtype != torch.float32:
-        print(f"note: training with {str(llm.dtype).removeprefix('torch.')} activations on a "
-              "CPU can be very slow (PyTorch's reduced-precision backward matmuls); with "
-              "--precision int4/int8 the default is float32 activations", file=sys.stderr)
-    train_data, eval_data = read_data(args, llm.tokenizer, llm.max_context)
+    _slow_dtype_note(args, llm)
+    train_data, eval_data = encode_data(args, data, llm.tokenizer, llm.max_context)
     res = train(llm, train_data, out, cfg, eval_data, resume=args.resume)
     if res.losses:
         print(f"{res.steps} steps: training loss {res.losses[0]:.4f} (first step) -> "

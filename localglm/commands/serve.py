@@ -21,10 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     s.add_argument("--api-key", default=os.environ.get("LOCALGLM_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every API route; also the web "
-                   "UI's password (default: $LOCALGLM_API_KEY, else no key)")
+                   "chat's password, any user name (default: $LOCALGLM_API_KEY, else no key)")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="let web pages from ORIGIN call the API (repeatable; '*' for any). "
-                   "Default: none")
+                   help="let web pages from ORIGIN call the API and the web chat "
+                   "(repeatable; '*' for any). Default: none, localhost included")
     s.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait while one is answered; more get HTTP 429 "
                    "(default: 16)")

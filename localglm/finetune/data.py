@@ -86,28 +86,40 @@ class Dataset:
         return f"{self.path}: {n} examples ({self.fmt} format, {tokens} tokens){note}"
 
 
-def read_records(path: Path) -> list[tuple[int, object]]:
-    """(line number, parsed JSON) for each non-empty line; a .json list gives (index + 1, item)."""
+MAX_SHOWN = 10  # bad lines listed in one error; the rest are counted
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory; give a .jsonl file") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror})") from None
+
+
+def read_records(path: Path) -> tuple[list[tuple[int, object]], list[tuple[int, str]]]:
+    """(line number, parsed JSON) for each non-empty line, and (line number, problem) for each
+    line that is not JSON; a .json list gives (index + 1, item)."""
+    text = _read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            return list(enumerate(json.loads(text), 1))
+            return list(enumerate(json.loads(text), 1)), []
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    out = []
+    records, bad = [], []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            out.append((n, json.loads(line)))
+            records.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-    return out
+            bad.append((n, f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})"))
+    return records, bad
 
 
 def detect_format(record, columns: Columns) -> str | None:
@@ -192,26 +204,47 @@ PARSERS = {"ptuning": _ptuning, "alpaca": _alpaca, "chat": _chat}
 
 
 def read_examples(path, columns: Columns | None = None) -> tuple[list[Example], str]:
-    """All examples of a file and its detected format; errors name the file and line."""
+    """All examples of a file and its detected format, without a tokenizer (so a broken file
+    is found before a model is loaded). Every bad line is reported, as ``FILE:LINE: problem``."""
     path = Path(path)
     columns = columns or Columns()
-    records = read_records(path)
-    if not records:
+    records, bad = read_records(path)
+    first = next(((n, r) for n, r in records if isinstance(r, dict)), None)
+    if first is None:
+        if bad or records:
+            n = min([n for n, _ in bad] + [n for n, _ in records])
+            bad.append((n, f"{path}:{n}: expected a JSON object per line"))
+            raise _bad_lines(bad)
         raise DataError(f"{path} holds no examples")
-    n, first = records[0]
-    fmt = detect_format(first, columns)
+    # The format of the first record that has one: a first record with a typo is reported
+    # as that, not as an unknown format.
+    fmt = next((f for _, r in records if (f := detect_format(r, columns))), None)
     if fmt is None:
-        raise DataError(
-            f"{path}:{n}: unknown format; expected {{{columns.prompt!r}, {columns.response!r}}} "
-            "(see --prompt-column/--response-column), {'instruction', 'input', 'output'} or "
-            "{'messages': [...]}")
+        bad.append((first[0], f"{path}:{first[0]}: unknown format; expected "
+                    f"{{{columns.prompt!r}, {columns.response!r}}} (see --prompt-column/"
+                    "--response-column), {'instruction', 'input', 'output'} or "
+                    "{'messages': [...]}"))
+        raise _bad_lines(bad)
     examples = []
     for n, record in records:
         where = f"{path}:{n}"
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        examples += PARSERS[fmt](record, where, columns)
+        try:
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            examples += PARSERS[fmt](record, where, columns)
+        except DataError as e:
+            bad.append((n, str(e)))
+    if bad:
+        raise _bad_lines(bad)
     return examples, fmt
+
+
+def _bad_lines(bad: list[tuple[int, str]]) -> DataError:
+    lines = [text for _, text in sorted(bad, key=lambda b: b[0])]
+    more = len(lines) - MAX_SHOWN
+    return DataError("\n".join(lines[:MAX_SHOWN])
+                     + (f"\n(and {more} more bad line{'s' if more > 1 else ''})" if more > 0
+                        else ""))
 
 
 def encode(tokenizer, ex: Example, limits: Limits) -> Encoded:
@@ -234,10 +267,16 @@ def encode(tokenizer, ex: Example, limits: Limits) -> Encoded:
     return Encoded(ids, len(prompt) + 1, (len(prompt), len(answer)) != (n_p, n_a))
 
 
+def encode_examples(examples: list[Example], fmt: str, path, tokenizer,
+                    limits: Limits | None = None) -> Dataset:
+    """Encode examples read by ``read_examples``; counts the ones that had to be truncated."""
+    limits = limits or Limits()
+    encoded = [encode(tokenizer, ex, limits) for ex in examples]
+    return Dataset(encoded, str(path), fmt, sum(e.truncated for e in encoded))
+
+
 def load_dataset(path, tokenizer, limits: Limits | None = None,
                  columns: Columns | None = None) -> Dataset:
     """Read and encode a file; counts the examples that had to be truncated."""
     examples, fmt = read_examples(path, columns)
-    limits = limits or Limits()
-    encoded = [encode(tokenizer, ex, limits) for ex in examples]
-    return Dataset(encoded, str(path), fmt, sum(e.truncated for e in encoded))
+    return encode_examples(examples, fmt, path, tokenizer, limits)

@@ -114,9 +114,8 @@ def loss_sum(model: ChatGLMModel, tb: TrainBatch, dtype: torch.dtype,
     layout = b.layout(0, b.width, prefix_len)
     with gradient_checkpointing(model, checkpointing):
         h = model(b.ids, b.pos, cache, layout, return_hidden=True)  # (B, T, hidden)
-    w = model.lm_head_weight
     picked = h[tb.rows.to(h.device), tb.cols.to(h.device)]  # (N, hidden)
-    logits = F.linear(picked.to(w.device, w.dtype), w).float()  # (N, V)
+    logits = model.lm_head(picked)  # (N, V) float32
     return F.cross_entropy(logits, tb.targets.to(logits.device), reduction="sum")
 
 

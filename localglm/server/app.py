@@ -19,11 +19,12 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat import response_streamer
+from .. import chat as chatfmt
 from ..errors import ContextTooLongError, LocalGLMError
 from . import protocol as p
 from .engine import (
@@ -34,6 +35,8 @@ from .engine import (
     chat_config,
     sampling_config,
 )
+from .logprobs import TokenNames, chat_logprobs, completion_logprobs
+from .schema import declare_request_bodies, responses
 
 log = logging.getLogger("localglm.server")
 
@@ -68,20 +71,24 @@ def create_app(worker: EngineWorker, api_key: str | None = None,
     settings = Settings(worker, api_key or None, max_body_bytes)
     app = FastAPI(title="localglm", version=__version__,
                   description="ChatGLM-6B: OpenAI-compatible API and the official api.py "
-                  "protocol", docs_url=None, redoc_url=None)
+                  "protocol", docs_url="/docs", redoc_url=None)
     _add_error_handlers(app)
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
-                           allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"])
+    # Always present, so that it is the one CORS policy: it grants only cors_origins (any
+    # request header, e.g. the OpenAI SDKs' x-stainless-*), and the web chat's gradio app
+    # stands its own CORS handling down when its parent app has this middleware.
+    app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins or []),
+                       allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                       max_age=600)
     auth = [Depends(_auth_dependency(settings))]
     _add_info_routes(app, settings, auth)
     _add_chat_routes(app, settings, auth)
     _add_completion_route(app, settings, auth)
     _add_embedding_route(app, settings, auth)
     _add_apipy_route(app, settings, auth)
+    declare_request_bodies(app, {
+        "/v1/chat/completions": p.ChatCompletionRequest, "/v1/completions": p.CompletionRequest,
+        "/v1/embeddings": p.EmbeddingRequest, "/": p.ApiPyRequest},
+        chunks=(p.ChatCompletionChunk, p.Completion))
     app.state.webui, app.state.webui_error = False, None
     if webui:
         try:
@@ -159,6 +166,7 @@ def _json_body(model: type[BaseModel], settings: Settings):
         except UnicodeDecodeError as e:
             raise p.APIError(400, f"the request body is not valid UTF-8 (byte {e.start})",
                              code="invalid_encoding") from None
+        text = text.removeprefix("\ufeff")  # a byte order mark some editors and tools add
         if not text.strip():
             raise p.APIError(400, "the request body is empty; send a JSON object",
                              code="invalid_json")
@@ -227,6 +235,28 @@ def _check_max_tokens(max_tokens: int | None, worker: EngineWorker) -> None:
                          code="context_length_exceeded")
 
 
+def _fit_chat(worker: EngineWorker, query: str, history, gen, field: str):
+    """``worker.check_chat``, with the error in the request's own terms: ``field`` is the
+    option that sets the answer's room ("max_tokens", or api.py's "max_length")."""
+    try:
+        return worker.check_chat(query, history, gen)
+    except ContextTooLongError:
+        n = len(worker.model.tokenizer.encode(chatfmt.build_prompt(query)))
+        if field == "max_length":
+            budget = min(worker.max_context, gen.max_length or worker.max_context)
+            message = (f"the prompt is {n} tokens; it does not fit max_length={budget} "
+                       f"(prompt + answer tokens, at most this model's context of "
+                       f"{worker.max_context}); shorten it or raise max_length")
+            raise p.APIError(400, message, param="prompt",
+                             code="context_length_exceeded") from None
+        room = (f"max_tokens={gen.max_new_tokens} for the answer" if gen.max_new_tokens
+                else "room for an answer")
+        raise p.APIError(400, f"the last message is {n} tokens; with {room} it does not fit "
+                         f"this model's context of {worker.max_context} tokens; shorten it "
+                         "or lower max_tokens", param="messages",
+                         code="context_length_exceeded") from None
+
+
 def _usage(stats) -> p.Usage:
     prompt, completion = (stats.prompt_tokens, stats.generation_tokens) if stats else (0, 0)
     return p.Usage(prompt_tokens=prompt, completion_tokens=completion,
@@ -237,7 +267,8 @@ def _usage(stats) -> p.Usage:
 def _add_info_routes(app: FastAPI, settings: Settings, auth) -> None:
     worker = settings.worker
 
-    @app.get("/health", tags=["info"])
+    @app.get("/health", tags=["info"], response_model=None,
+             responses={200: {"model": p.Health, "description": "queue state"}})
     async def health():
         """Liveness and queue state (no API key needed: it reveals no conversation)."""
         return {"status": "ok", "model": worker.model_name, **worker.status()}
@@ -245,11 +276,12 @@ def _add_info_routes(app: FastAPI, settings: Settings, auth) -> None:
     def card() -> p.ModelCard:
         return p.ModelCard(id=worker.model_name, created=worker.created)
 
-    @app.get("/v1/models", dependencies=auth, tags=["openai"])
+    @app.get("/v1/models", dependencies=auth, tags=["openai"], responses=responses(errors=(401,)))
     async def models() -> p.ModelList:
         return p.ModelList(data=[card()])
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth, tags=["openai"])
+    @app.get("/v1/models/{model_id:path}", dependencies=auth, tags=["openai"],
+             responses=responses(errors=(401, 404)))
     async def model(model_id: str) -> p.ModelCard:
         if model_id != worker.model_name:
             raise p.APIError(404, f"the model '{model_id}' does not exist; this server has "
@@ -260,46 +292,66 @@ def _add_info_routes(app: FastAPI, settings: Settings, auth) -> None:
 def _add_chat_routes(app: FastAPI, settings: Settings, auth) -> None:
     worker = settings.worker
 
-    @app.post("/v1/chat/completions", dependencies=auth, tags=["openai"])
+    @app.post("/v1/chat/completions", dependencies=auth, tags=["openai"], response_model=None,
+              responses=responses(p.ChatCompletion, p.ChatCompletionChunk))
     async def chat_completions(
             request: Request,
             body: _json_body(p.ChatCompletionRequest, settings)):
         """OpenAI chat completions, streamed as server-sent events with ``stream: true``."""
+        body.check_supported()
         query, history = body.to_chat()
         max_tokens = body.max_new_tokens()
         _check_max_tokens(max_tokens, worker)
         gen = chat_config(max_tokens, body.temperature, body.top_p, max_length=worker.max_context,
                           stop=body.stop_list(), seed=body.seed, top_k=body.top_k,
-                          repetition_penalty=body.repetition_penalty)
-        fitted = await run_in_threadpool(worker.check_chat, query, history, gen)
+                          repetition_penalty=body.repetition_penalty,
+                          logprobs=body.logprobs_count(), json_object=body.json_mode())
+        fitted = await run_in_threadpool(_fit_chat, worker, query, history, gen, "max_tokens")
         # Old rounds left out to fit the context are reported in a header.
         dropped = {DROPPED_HEADER: str(fitted.dropped)}
-        job = worker.chat(query, history, gen)
+        job = worker.chat(query, history, gen, fitted)
+        names = TokenNames(worker.model.tokenizer) if gen.logprobs is not None else None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_events(job, worker.model_name, usage),
+            return StreamingResponse(_chat_events(job, worker.model_name, usage, names),
                                      media_type="text/event-stream",
                                      headers={**SSE_HEADERS, **dropped})
-        step = await _collect(job, request)
+        entries = []
+
+        async def gather(job):  # the last step, and every step's logprobs
+            last = None
+            async for last in job:
+                entries.extend((last.stats.logprobs if last.stats else None) or [])
+            return last
+
+        step = await _collect(job, request, gather)
         reply = p.ChatCompletion(
             id=p.new_id("chatcmpl"), created=p.now(), model=worker.model_name,
             choices=[p.ChatChoice(message=p.ChatResponseMessage(content=step.response),
-                                  finish_reason=step.finish_reason)],
+                                  finish_reason=step.finish_reason,
+                                  logprobs=chat_logprobs(entries, names) if names else None)],
             usage=_usage(step.stats))
         return JSONResponse(reply.model_dump(), headers=dropped)
 
 
-async def _chat_events(job, model_name: str, include_usage: bool) -> AsyncIterator[str]:
+async def _chat_events(job, model_name: str, include_usage: bool,
+                       names: TokenNames | None) -> AsyncIterator[str]:
     cid, created = p.new_id("chatcmpl"), p.now()
+    pending = []  # logprobs of tokens whose text has not been sent yet
 
     def chunk(delta: p.ChatDelta, finish: str | None = None) -> str:
+        logprobs = None
+        if names is not None and (pending or finish):
+            logprobs = chat_logprobs(pending, names)
+            pending.clear()
         return _sse(p.ChatCompletionChunk(id=cid, created=created, model=model_name, choices=[
-            p.ChatChunkChoice(delta=delta, finish_reason=finish)]))
+            p.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]))
 
-    text, last = response_streamer(), None
+    text, last = chatfmt.response_streamer(), None
     try:
         yield chunk(p.ChatDelta(role="assistant", content=""))
         async for last in job:
+            pending.extend((last.stats.logprobs if last.stats else None) or [])
             piece = text.push(last.response, final=last.finish_reason is not None)
             if piece:
                 yield chunk(p.ChatDelta(content=piece))
@@ -319,7 +371,10 @@ async def _chat_events(job, model_name: str, include_usage: bool) -> AsyncIterat
 
 def _prompt_ids(worker: EngineWorker, prompt, param: str = "prompt") -> tuple[list[int], str]:
     """(token ids, text) of one prompt given as text, token ids, or a list of one of them."""
-    tokenizer, vocab = worker.model.tokenizer, worker.model.config.vocab_size
+    # The tokenizer's size, not the embedding's: the real checkpoint's embedding has rows
+    # (130344..130527) that no piece decodes to.
+    tokenizer = worker.model.tokenizer
+    vocab = tokenizer.vocab_size
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
             raise p.APIError(400, "this server takes one prompt per request", param=param)
@@ -327,36 +382,46 @@ def _prompt_ids(worker: EngineWorker, prompt, param: str = "prompt") -> tuple[li
     if isinstance(prompt, str):
         return tokenizer.encode(prompt), prompt
     if not prompt or any(not 0 <= t < vocab for t in prompt):
-        raise p.APIError(400, f"token ids must be a non-empty list of ids in [0, {vocab})",
-                         param=param)
+        raise p.APIError(400, f"token ids must be a non-empty list of ids in [0, {vocab}) "
+                         "(the tokenizer's vocabulary)", param=param)
     return list(prompt), tokenizer.decode(prompt)
 
 
 def _add_completion_route(app: FastAPI, settings: Settings, auth) -> None:
     worker = settings.worker
 
-    @app.post("/v1/completions", dependencies=auth, tags=["openai"])
+    @app.post("/v1/completions", dependencies=auth, tags=["openai"], response_model=None,
+              responses=responses(p.Completion, p.Completion))
     async def completions(
             request: Request,
             body: _json_body(p.CompletionRequest, settings)):
         """Raw text completion: the prompt is encoded as is (ending in [gMASK] <sop>)."""
+        body.check_supported()
+        if body.echo and body.logprobs is not None:
+            raise p.APIError(400, "'echo' together with 'logprobs' is not supported (the "
+                             "prompt's tokens are not scored)", param="logprobs",
+                             code="unsupported_parameter")
         ids, text = await run_in_threadpool(_prompt_ids, worker, body.prompt)
         _check_max_tokens(body.max_tokens, worker)
         room = worker.max_context - len(ids)
         max_tokens = body.max_tokens or min(COMPLETION_MAX_TOKENS, room)
         if room < 1 or max_tokens > room:
-            raise ContextTooLongError(
+            raise p.APIError(400,
                 f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it does not "
-                f"fit this model's context of {worker.max_context} tokens")
+                f"fit this model's context of {worker.max_context} tokens", param="prompt",
+                code="context_length_exceeded")
         gen = sampling_config(COMPLETION_DEFAULTS, max_tokens, body.temperature, body.top_p,
                               stop=body.stop_list(), seed=body.seed, top_k=body.top_k,
-                              repetition_penalty=body.repetition_penalty)
+                              repetition_penalty=body.repetition_penalty,
+                              logprobs=body.logprobs)
         job = worker.complete(ids, gen)
         echo = text if body.echo else ""
+        names = TokenNames(worker.model.tokenizer) if body.logprobs is not None else None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_completion_events(job, worker.model_name, echo, usage),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                _completion_events(job, worker.model_name, echo, usage, names),
+                media_type="text/event-stream", headers=SSE_HEADERS)
         steps = []
 
         async def gather(job):  # every delta, not only the last step
@@ -365,24 +430,26 @@ def _add_completion_route(app: FastAPI, settings: Settings, auth) -> None:
             return steps[-1] if steps else None
 
         last = await _collect(job, request, gather)
+        logprobs = None
+        if names is not None:
+            logprobs = completion_logprobs([e for s in steps for e in s.logprobs or []], names)
         return p.Completion(
             id=p.new_id("cmpl"), created=p.now(), model=worker.model_name,
             choices=[p.CompletionChoice(text=echo + "".join(s.text for s in steps),
-                                        finish_reason=last.finish_reason)],
+                                        finish_reason=last.finish_reason, logprobs=logprobs)],
             usage=_usage(last))
 
 
 def _add_embedding_route(app: FastAPI, settings: Settings, auth) -> None:
     worker = settings.worker
 
-    @app.post("/v1/embeddings", dependencies=auth, tags=["openai"])
+    @app.post("/v1/embeddings", dependencies=auth, tags=["openai"], response_model=None,
+              responses=responses(p.EmbeddingList))
     async def embeddings(
             request: Request,
-            body: _json_body(p.EmbeddingRequest, settings)):
+            body: _json_body(p.EmbeddingRequest, settings)) -> p.EmbeddingList:
         """Normalised mean of the final hidden states of each input."""
-        inputs = body.input if isinstance(body.input, list) else [body.input]
-        if inputs and isinstance(inputs[0], int):
-            inputs = [inputs]
+        inputs = body.texts_or_ids()
         batch = [await run_in_threadpool(_prompt_ids, worker, [x], "input") for x in inputs]
         for i, (ids, _) in enumerate(batch):
             if len(ids) > worker.max_context:
@@ -414,21 +481,26 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
     return vector
 
 
-async def _completion_events(job, model_name: str, echo: str,
-                             include_usage: bool) -> AsyncIterator[str]:
+async def _completion_events(job, model_name: str, echo: str, include_usage: bool,
+                             names: TokenNames | None) -> AsyncIterator[str]:
     cid, created = p.new_id("cmpl"), p.now()
+    offset = len(echo)
 
-    def chunk(text: str, finish: str | None = None) -> str:
+    def chunk(text: str, finish: str | None = None, entries=None) -> str:
+        logprobs = None
+        if names is not None and entries is not None:
+            logprobs = completion_logprobs(entries, names, offset)
         return _sse(p.Completion(id=cid, created=created, model=model_name, choices=[
-            p.CompletionChoice(text=text, finish_reason=finish)]))
+            p.CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)]))
 
     last = None
     try:
         if echo:
             yield chunk(echo)
         async for last in job:
-            if last.text or last.finish_reason:
-                yield chunk(last.text, last.finish_reason)
+            if last.text or last.finish_reason or last.logprobs:
+                yield chunk(last.text, last.finish_reason, last.logprobs or [])
+                offset += len(last.text)
     except Exception as e:  # the status line has gone out: the error becomes an event
         yield _sse(_stream_error(e))
         return
@@ -445,7 +517,8 @@ async def _completion_events(job, model_name: str, echo: str,
 def _add_apipy_route(app: FastAPI, settings: Settings, auth) -> None:
     worker = settings.worker
 
-    @app.post("/", dependencies=auth, tags=["api.py"])
+    @app.post("/", dependencies=auth, tags=["api.py"], response_model=None,
+              responses=responses(p.ApiPyResponse, errors=(400, 401, 413, 422, 429, 503)))
     async def api_py(request: Request,
                      body: _json_body(p.ApiPyRequest, settings)):
         """The official ChatGLM-6B api.py protocol (temperature 0 means greedy here)."""
@@ -456,8 +529,9 @@ def _add_apipy_route(app: FastAPI, settings: Settings, auth) -> None:
                           body.temperature, body.top_p or d["top_p"],
                           max_length=body.max_length or d["max_length"])
         history = [tuple(h) for h in body.history or []]
-        fitted = await run_in_threadpool(worker.check_chat, body.prompt, history, gen)
-        step = await _collect(worker.chat(body.prompt, history, gen), request)
+        fitted = await run_in_threadpool(_fit_chat, worker, body.prompt, history, gen,
+                                         "max_length")
+        step = await _collect(worker.chat(body.prompt, history, gen, fitted), request)
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         reply = p.ApiPyResponse(response=step.response, history=step.history, time=stamp)
         return JSONResponse(reply.model_dump(), headers={DROPPED_HEADER: str(fitted.dropped)})
@@ -470,5 +544,5 @@ def _add_root_route(app: FastAPI) -> None:
             return RedirectResponse(WEBUI_PATH + "/", status_code=307)
         return {"message": "localglm server", "endpoints": [
             "POST / (api.py)", "GET /v1/models", "POST /v1/chat/completions",
-            "POST /v1/completions", "POST /v1/embeddings", "GET /health"],
+            "POST /v1/completions", "POST /v1/embeddings", "GET /health", "GET /docs"],
             "webui": app.state.webui_error}

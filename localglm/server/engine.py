@@ -214,6 +214,13 @@ class EngineWorker:
             return {"running": self._current is not None, "waiting": len(self._pending),
                     "queue_size": self.queue_size, "served": self.served}
 
+    def ahead_of(self, job: Job) -> int | None:
+        """How many jobs run or wait before ``job``; None once it has started (or left)."""
+        with self._lock:
+            if job not in self._pending:
+                return None
+            return self._pending.index(job) + (self._current is not None)
+
     def _forget(self, job: Job) -> None:
         with self._lock, contextlib.suppress(ValueError):
             self._pending.remove(job)  # frees its slot at once
@@ -261,9 +268,11 @@ class EngineWorker:
     def max_context(self) -> int:
         return self.model.max_context
 
-    def chat(self, query: str, history: chatfmt.History, gen: GenerationConfig) -> Job:
-        """A job streaming ``ChatStep``s of one chat round."""
-        return self.submit(lambda: self.model.chat_stream(query, history, gen))
+    def chat(self, query: str, history: chatfmt.History, gen: GenerationConfig,
+             fitted: chatfmt.FittedPrompt | None = None) -> Job:
+        """A job streaming ``ChatStep``s of one chat round (``fitted``: ``check_chat``'s
+        result, so that the prompt is fitted once)."""
+        return self.submit(lambda: self.model.chat_stream(query, history, gen, fitted=fitted))
 
     def complete(self, ids: list[int], gen: GenerationConfig) -> Job:
         """A job streaming ``GenerationResponse``s for a raw prompt."""
@@ -281,9 +290,7 @@ class EngineWorker:
                    gen: GenerationConfig) -> chatfmt.FittedPrompt:
         """Fit the prompt as ``LocalGLM.chat_stream`` will, so that a query too long for the
         context is refused before the request waits in the queue."""
-        budget = min(self.max_context, gen.max_length or self.max_context)
-        reserve = gen.max_new_tokens if gen.max_new_tokens is not None else 1
-        return chatfmt.fit_prompt(self.model.tokenizer, query, history, budget, reserve)
+        return self.model.fit_chat(query, history, gen)
 
 
 def chat_config(max_new_tokens: int | None = None, temperature: float | None = None,

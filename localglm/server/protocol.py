@@ -9,27 +9,64 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+)
 
 # Hard caps that do not depend on the model; the model's context is checked per request.
 MAX_TOKENS_CAP = 1 << 20
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 MAX_EMBED_INPUTS = 256
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
+MAX_TOP_LOGPROBS = 20  # OpenAI's limits: 20 alternatives for chat, 5 for completions
+MAX_COMPLETION_LOGPROBS = 5
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
-Temperature = Annotated[float, Field(ge=0, le=2)]
+MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy in all but name (and overflows)
+
+
+def _tiny_is_greedy(t: float) -> float:
+    return 0.0 if t < MIN_TEMPERATURE else t
+
+
+Temperature = Annotated[float, Field(ge=0, le=2), AfterValidator(_tiny_is_greedy)]
 TopP = Annotated[float, Field(ge=0, le=1)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_CAP)]
 Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
 Stop = str | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=MAX_STOP)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+def _integral(value):
+    """102.0 -> 102: the official api.py (FastAPI in lax mode) accepted integral floats."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An int that also accepts an integral float (102.0), for the official api.py protocol.
+LaxInt = Annotated[int, BeforeValidator(_integral)]
+
+# Options of the OpenAI API this server does not implement: a request that sets one (to
+# anything but its "off" value) is refused with a 400 naming it, never silently ignored.
+UNSUPPORTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+    "function_call": "function calling", "parallel_tool_calls": "tool calling",
+    "logit_bias": "logit_bias", "audio": "audio output", "prediction": "predicted outputs",
+    "web_search_options": "web search", "suffix": "suffix (fill-in-the-middle)",
+}
 
 
 class StreamOptions(_Request):
@@ -49,16 +86,41 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request
     user: str | None = None
-    # Accepted for compatibility and ignored (the engine has repetition_penalty instead).
+    # Only 0 (off) is supported: the engine has repetition_penalty instead.
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     # Extensions understood by localglm.
     top_k: Annotated[int, Field(ge=0, le=1 << 20)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10)] | None = None
+    # Declared so that clients (and the OpenAPI schema) see them; refused when set.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    logit_bias: dict[str, Any] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
+
+    def check_supported(self) -> None:
+        """Refuse (400) an OpenAI option that this server would otherwise have to ignore."""
+        for name, what in UNSUPPORTED.items():
+            value = getattr(self, name, None)
+            if value not in (None, [], {}, False) and not (name == "tool_choice"
+                                                          and value == "none"):
+                raise APIError(400, f"'{name}' is not supported: this server has no {what}; "
+                               "leave it out of the request", param=name,
+                               code="unsupported_parameter")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"'{name}' is not supported (only 0); use "
+                               "'repetition_penalty' (> 1 discourages repeats) instead",
+                               param=name, code="unsupported_parameter")
 
 
 class TextPart(_Request):
@@ -79,9 +141,34 @@ class ChatMessage(_Request):
         return self.content or ""
 
 
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = None  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if self.response_format and self.response_format.type == "json_schema":
+            raise APIError(400, "response_format 'json_schema' is not supported; use "
+                           "{\"type\": \"json_object\"} (any JSON object) or describe the "
+                           "schema in the prompt", param="response_format.type",
+                           code="unsupported_parameter")
+
+    def json_mode(self) -> bool:
+        return bool(self.response_format and self.response_format.type == "json_object")
+
+    def logprobs_count(self) -> int | None:
+        """How many alternatives to report per token; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -125,6 +212,9 @@ class CompletionRequest(_Sampling):
     # One prompt: text, or token ids. A list holding exactly one of them is accepted too.
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None  # one choice per request
 
 
 class EmbeddingRequest(_Request):
@@ -136,13 +226,25 @@ class EmbeddingRequest(_Request):
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
 
+    def texts_or_ids(self) -> list[str] | list[list[int]]:
+        """The inputs as a list; empty strings are refused like OpenAI does (400)."""
+        inputs = self.input if isinstance(self.input, list) else [self.input]
+        if inputs and isinstance(inputs[0], int):
+            inputs = [inputs]
+        for i, x in enumerate(inputs):
+            if isinstance(x, str) and not x:
+                param = "input" if isinstance(self.input, str) else f"input[{i}]"
+                raise APIError(400, f"'{param}' is an empty string; there is nothing to embed",
+                               param=param)
+        return inputs
+
 
 class ApiPyRequest(_Request):
     """The official ChatGLM-6B api.py request; null means "the official default"."""
 
     prompt: str
     history: list[tuple[str, str]] | None = None
-    max_length: Annotated[int, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
+    max_length: Annotated[LaxInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
     top_p: TopP | None = None
     temperature: Temperature | None = None
 
@@ -154,6 +256,27 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # UTF-8 bytes of the token's text
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -163,7 +286,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -189,7 +312,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -205,7 +328,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -242,14 +365,39 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+    model: str
+    running: bool
+    waiting: int
+    queue_size: int
+    served: int
+
+
 class ApiPyResponse(BaseModel):
     response: str
-    history: list[tuple[str, str]]
+    # [[query, response], ...] (tuples are described as old-style "items" arrays otherwise)
+    history: list[Annotated[list[str], Field(min_length=2, max_length=2)]]
     status: int = 200
     time: str  # "%Y-%m-%d %H:%M:%S", like the official api.py
 
 
 # -- errors -----------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer, as the OpenAI API sends it."""
+
+    error: ErrorDetail
+
+
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
 
@@ -304,7 +452,8 @@ def _loc_to_param(loc) -> str:
             continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in str(part) or part in ("str", "int", "float", "bool", "function-after"):
+        elif "[" in str(part) or part in ("str", "int", "float", "bool", "function-after",
+                                          "function-before", "constrained-str", "constrained-int"):
             continue
         else:
             out += ("." if out else "") + str(part)
