@@ -15,7 +15,7 @@ from . import chat as chatfmt
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import LocalGLMError
-from .generate import GenerationConfig, GenerationResponse, new_cache
+from .generate import GenerationConfig, GenerationResponse, generate_step, new_cache
 from .generate import generate as _generate
 from .generate import stream_generate as _stream_generate
 from .model import AttentionLayout, ChatGLMModel
@@ -64,8 +64,10 @@ class LocalGLM:
         self.choice = choice  # why this precision was picked (precision="auto")
         self.max_context = max_context or self.config.max_sequence_length
         self.device = self.model.transformer.word_embeddings.weight.device
-        self._lock = threading.RLock()  # one generation at a time owns the cache
-        self._cache: KVCache | None = None
+        # One model call at a time (several threads may stream): each generation owns its KV
+        # cache, so the lock is taken per step, never held while a stream is suspended.
+        self._lock = threading.RLock()
+        self._cache: KVCache | None = None  # the session cache, lent to one generation at once
 
     def describe(self) -> str:
         """One line for start-up: what runs where, and why."""
@@ -80,6 +82,47 @@ class LocalGLM:
         if self._cache is None:
             self._cache = new_cache(self.model, batch_size, self.max_context, self.dtype)
         return self._cache
+
+    def reset_cache(self) -> None:
+        """Drop the session's KV cache; the next generation allocates a new one.
+
+        Call it after changing what the cache must hold (e.g. a P-Tuning prefix was added), or
+        to give its memory back. A generation still running keeps the cache it started with.
+        """
+        with self._lock:
+            self._cache = None
+
+    def _free_cache(self) -> KVCache:
+        """The session cache if no unfinished generation holds it, else a cache of its own
+        (two streams consumed in turns on one thread must not share keys)."""
+        cache = self.cache()
+        if cache.busy:
+            cache = new_cache(self.model, 1, self.max_context, self.dtype)
+        return cache
+
+    def _locked(self, steps: Iterator) -> Iterator:
+        """Run each step of ``steps`` under the model lock, released while the caller waits."""
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        item = next(steps)
+                    except StopIteration:
+                        return
+                yield item
+        finally:
+            with self._lock:
+                steps.close()  # releases the generation's cache
+
+    def _solo_tokens(self, ids: list[int], gen: GenerationConfig,
+                     processors=()) -> Iterator[int]:
+        """Token ids of one prompt generated alone; the cache is picked when it starts."""
+        def steps():
+            cache = self._free_cache()  # runs under the lock, with the first step
+            for token in generate_step(self.model, [ids], gen, cache, self.dtype,
+                                       self.tokenizer.vocab_size, processors):
+                yield int(token[0])
+        return self._locked(steps())
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
@@ -107,50 +150,71 @@ class LocalGLM:
             return self.model(batch.ids, batch.pos, cache, layout, return_hidden=True)[0].float()
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, ids, **gen) -> list[int] | list[list[int]]:
+    def batch(self, max_batch: int = 4, prefill_tokens: int | None = None, on_change=None):
+        """A ``ContinuousBatch`` on this model: up to ``max_batch`` sequences decode together
+        (see ``localglm.batch``); pass it to ``stream_generate``/``chat_stream``."""
+        from .batch import ContinuousBatch
+
+        return ContinuousBatch(self.model, self.dtype, max_batch, self.max_context,
+                               self.tokenizer.vocab_size, prefill_tokens, self._lock, on_change)
+
+    def generate(self, ids, max_batch: int = 8, **gen) -> list[int] | list[list[int]]:
         """New token ids (ending with <eop> if generation stopped there).
 
-        ``ids`` is one prompt (list of ints) or a batch (list of lists); a batch returns, for
-        each prompt, exactly the tokens it gets alone.
+        ``ids`` is one prompt (list of ints) or a batch (list of lists). A batch is generated
+        with continuous batching, ``max_batch`` sequences at a time, and returns for each
+        prompt exactly the tokens it gets alone (greedy, or sampled with the same seed).
         """
         cfg = gen if isinstance(gen, GenerationConfig) else make_generation_config(**gen)
         single = bool(ids) and isinstance(ids[0], int)
         prompts = [list(ids)] if single else [list(p) for p in ids]
-        with self._lock:
-            if len(prompts) == 1:
-                out = _generate(self.model, prompts, cfg, self.cache(), self.dtype,
-                                self.tokenizer.vocab_size)
-            else:
-                longest = max(len(p) for p in prompts)
-                cache = new_cache(self.model, len(prompts),
-                                  min(self.max_context, longest + max(cfg.budget(1), 1)),
-                                  self.dtype)
-                out = _generate(self.model, prompts, cfg, cache, self.dtype,
-                                self.tokenizer.vocab_size)
-        return out[0] if single else out
+        if single:
+            with self._lock:
+                return _generate(self.model, prompts, cfg, self._free_cache(), self.dtype,
+                                 self.tokenizer.vocab_size)[0]
+        batch = self.batch(min(max_batch, max(len(prompts), 1)))
+        seqs = [batch.submit(p, cfg) for p in prompts]
+        batch.run()
+        for seq in seqs:
+            if seq.error is not None:
+                raise seq.error
+        return [seq.output for seq in seqs]
 
     def stream_generate(self, ids: list[int], gen: GenerationConfig | None = None,
-                        **kwargs) -> Iterator[GenerationResponse]:
-        """Yield ``GenerationResponse`` steps (text deltas) for one prompt."""
+                        batch=None, **kwargs) -> Iterator[GenerationResponse]:
+        """Yield ``GenerationResponse`` steps (text deltas) for one prompt.
+
+        batch: a ``ContinuousBatch`` (``LocalGLM.batch``) to decode in, next to other
+        sequences; by default the prompt is generated alone.
+        """
         gen = gen or make_generation_config(**kwargs)
-        with self._lock:
-            yield from _stream_generate(self.model, self.tokenizer, list(ids), gen,
-                                        self.cache(), self.dtype)
+        ids = list(ids)
+
+        def tokens(processors):
+            if batch is None:
+                return self._solo_tokens(ids, gen, processors)
+            if processors:
+                raise LocalGLMError("logprobs and JSON mode need a generation of their own, "
+                                    "not a sequence of a continuous batch")
+            return iter(batch.submit(ids, gen))
+
+        yield from _stream_generate(self.model, self.tokenizer, ids, gen, tokens=tokens)
 
     # -- chat ------------------------------------------------------------------------------
     def chat_stream(self, query: str, history=None, gen: GenerationConfig | None = None,
-                    fitted: chatfmt.FittedPrompt | None = None,
+                    fitted: chatfmt.FittedPrompt | None = None, batch=None,
                     **kwargs) -> Iterator[ChatStep]:
         """Stream one chat round; old rounds that do not fit the context budget are dropped.
 
         ``fitted``: the result of ``fit_chat`` for these arguments, when the caller has it
-        already (the prompt is then not tokenized again).
+        already (the prompt is then not tokenized again). ``batch``: a ``ContinuousBatch`` to
+        answer in (see ``stream_generate``).
         """
         gen = gen or make_generation_config(CHAT_DEFAULTS, **kwargs)
         history = chatfmt.normalize_history(history)
         fitted = fitted or self.fit_chat(query, history, gen)
         raw = ""
-        for step in self.stream_generate(fitted.ids, gen):
+        for step in self.stream_generate(fitted.ids, gen, batch=batch):
             raw += step.text
             response = chatfmt.process_response(raw)
             new_history = history + [(query, response)]

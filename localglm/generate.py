@@ -7,7 +7,7 @@ Three layers, each built on the one before: ``generate_step`` yields token ids f
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +118,49 @@ def decode_one_token(model: ChatGLMModel, batch: Batch, tokens: torch.Tensor, in
     return model(tokens, pos, cache, layout, logits_at="last")[:, -1]
 
 
+class TokenPicker:
+    """Turns logits (B, V) into the next token of every row, with one row group's settings.
+
+    Holds the ids seen so far (for the repetition penalty) and its own random generator, so
+    that a sequence sampled next to others draws exactly what it would draw alone.
+    """
+
+    def __init__(self, gen: GenerationConfig, prompts: torch.Tensor,
+                 vocab_limit: int | None = None, processors: list[Processor] = ()):
+        self.gen = gen
+        self.vocab_limit = vocab_limit
+        self.processors = list(processors)  # run after the repetition penalty, in order
+        self.history = prompts.cpu()  # (B, T) ids so far
+        generator = None
+        if gen.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(gen.seed)
+        self.sampler = make_sampler(0.0 if gen.greedy else gen.temperature, gen.top_p,
+                                    gen.top_k, generator)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) -> tokens (B,) on CPU."""
+        scores = replace_invalid(logits.float().cpu())
+        if self.vocab_limit is not None and self.vocab_limit < scores.shape[-1]:
+            scores[:, self.vocab_limit:] = float("-inf")
+        if self.gen.repetition_penalty != 1.0:
+            scores = repetition_penalty(scores, self.history, self.gen.repetition_penalty)
+        for process in self.processors:
+            scores = process(scores, self.history)
+        token = self.sampler(scores)  # (B,)
+        if self.gen.repetition_penalty != 1.0 or self.processors:
+            self.history = torch.cat([self.history, token[:, None]], dim=1)
+        return token
+
+
+def step_budget(gen: GenerationConfig, prompt_len: int, room: int) -> int:
+    """New tokens a prompt may get: its budget, capped by the ``room`` tokens of context."""
+    steps = min(gen.budget(prompt_len), room - prompt_len)
+    if steps < 0:
+        raise ContextTooLongError(
+            f"the prompt has {prompt_len} tokens; the context holds {room}")
+    return steps
+
+
 @torch.inference_mode()
 def generate_step(model: ChatGLMModel, prompts: list[list[int]], gen: GenerationConfig,
                   cache: KVCache, dtype, vocab_limit: int | None = None,
@@ -128,43 +171,31 @@ def generate_step(model: ChatGLMModel, prompts: list[list[int]], gen: Generation
     never sees another row's tokens, so each gets exactly the tokens it would get alone.
     ``vocab_limit``: ids from here on are never picked (the real checkpoint's embedding has
     184 rows more than the tokenizer has pieces). ``processors`` run, in order, on the
-    float32 scores (B, V) after the repetition penalty, just before sampling.
+    float32 scores (B, V) after the repetition penalty, just before sampling. The cache is
+    borrowed for the whole generation: another generation using it meanwhile gets a
+    ``CacheBusyError``.
     """
     cfg = model.config
     device = next(model.parameters()).device
     batch = Batch(prompts, cfg, device)
-    steps = max(gen.budget(n) for n in batch.lengths)
     limit = cache.max_len - (cfg.pre_seq_len or 0)
-    if batch.width + steps > limit:
-        steps = limit - batch.width
-        if steps < 0:
-            raise ContextTooLongError(
-                f"the prompt has {batch.width} tokens; the context holds {limit}")
+    steps = min(max(gen.budget(n) for n in batch.lengths), limit - batch.width)
+    if steps < 0:
+        raise ContextTooLongError(
+            f"the prompt has {batch.width} tokens; the context holds {limit}")
     if steps == 0:
         return
-    generator = None
-    if gen.seed is not None:
-        generator = torch.Generator(device="cpu").manual_seed(gen.seed)
-    sampler = make_sampler(0.0 if gen.greedy else gen.temperature, gen.top_p, gen.top_k,
-                           generator)
-    history = batch.ids.cpu()
-    logits = prefill(model, batch, cache, dtype)
-    index = batch.width
-    for step in range(steps):
-        scores = replace_invalid(logits.float().cpu())
-        if vocab_limit is not None and vocab_limit < scores.shape[-1]:
-            scores[:, vocab_limit:] = float("-inf")
-        if gen.repetition_penalty != 1.0:
-            scores = repetition_penalty(scores, history, gen.repetition_penalty)
-        for process in processors:
-            scores = process(scores, history)
-        token = sampler(scores)  # (B,)
-        yield token
-        if step == steps - 1:
-            return
-        history = torch.cat([history, token[:, None]], dim=1)
-        logits = decode_one_token(model, batch, token[:, None].to(device), index, cache)
-        index += 1
+    with cache.borrow():
+        pick = TokenPicker(gen, batch.ids, vocab_limit, processors)
+        logits = prefill(model, batch, cache, dtype)
+        index = batch.width
+        for step in range(steps):
+            token = pick(logits)  # (B,)
+            yield token
+            if step == steps - 1:
+                return
+            logits = decode_one_token(model, batch, token[:, None].to(device), index, cache)
+            index += 1
 
 
 @dataclass
@@ -212,8 +243,14 @@ class GenerationResponse:
 
 
 def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: GenerationConfig,
-                    cache: KVCache, dtype) -> Iterator[GenerationResponse]:
+                    cache: KVCache | None = None, dtype=None,
+                    tokens: Callable[[list[Processor]], Iterator[int]] | None = None
+                    ) -> Iterator[GenerationResponse]:
     """Yield text as it is produced for one prompt; never a broken multi-byte character.
+
+    ``tokens(processors)``: where the token ids come from (e.g. a sequence of a continuous
+    batch), given the logits processors ``gen`` needs; by default the prompt is generated
+    alone in ``cache``.
 
     Text that could be the start of a stop string is held back until it is known not to be.
     """
@@ -243,25 +280,31 @@ def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: Gene
         return r
 
     finish = "length"  # if the loop ends without <eop>, the context is full
-    for token in generate_step(model, [prompt], gen, cache, dtype, tokenizer.vocab_size,
-                               processors):
-        tok = int(token[0])
-        t_first = t_first or time.perf_counter()
-        n += 1
-        if tok == eos:
-            finish = "stop"
-            break
-        if recorder is not None:
-            pending.append(recorder.entry(tok))
-        text += decoder.add(tok)
-        if n >= budget:
-            break
-        r = step(tok, None)
-        yield with_logprobs(r)
-        if r.finish_reason:
-            return
-    text += decoder.flush()
-    yield with_logprobs(step(None, finish))
+    if tokens is None:
+        source = (int(t[0]) for t in generate_step(model, [prompt], gen, cache, dtype,
+                                                   tokenizer.vocab_size, processors))
+    else:
+        source = tokens(processors)
+    try:
+        for tok in source:
+            t_first = t_first or time.perf_counter()
+            n += 1
+            if tok == eos:
+                finish = "stop"
+                break
+            if recorder is not None:
+                pending.append(recorder.entry(tok))
+            text += decoder.add(tok)
+            if n >= budget:
+                break
+            r = step(tok, None)
+            yield with_logprobs(r)
+            if r.finish_reason:
+                return
+        text += decoder.flush()
+        yield with_logprobs(step(None, finish))
+    finally:
+        source.close()  # a batch sequence leaves its batch, a solo generation ends
 
 
 def _processors(gen: GenerationConfig, tokenizer, prompt_len: int):

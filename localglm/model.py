@@ -28,6 +28,9 @@ class AttentionLayout:
     ``start + t``. Token ``j`` is visible to token ``i`` when ``j >= pad[b]`` and
     (``j < context[b]`` or ``j <= i``): the context (everything before ``<sop>``) is attended
     bidirectionally, the rest causally (the official prefix-LM mask).
+
+    Rows of a continuous batch differ in length: ``lengths[b]`` is row b's token count after
+    this call, its queries are its last tokens, and ``start``/``kv_len`` describe the longest.
     """
 
     start: int  # index of this call's first token
@@ -35,6 +38,13 @@ class AttentionLayout:
     prefix_len: int = 0  # P-Tuning v2 prefix slots at the front of the cache
     context: list[int] | None = None  # per row: index of <sop> (None: no row has padding/info)
     pad: list[int] | None = None  # per row: left-padding length (None: no padding)
+    lengths: list[int] | None = None  # per row: tokens after this call (None: all reach kv_len)
+
+    def slot(self, q_len: int) -> int | list[int]:
+        """Cache slot of this call's first query: one for all rows, or one per row."""
+        if self.lengths is None:
+            return self.prefix_len + self.start
+        return [self.prefix_len + n - q_len for n in self.lengths]
 
     def split_at(self, batch_size: int) -> int | None:
         """For an unpadded single row: number of leading queries that need no mask at all.
@@ -42,20 +52,21 @@ class AttentionLayout:
         Those are the context queries (they see exactly the context keys, which are all in
         the cache by then); the rest (from ``<sop>`` on) see a causal window.
         """
-        if batch_size != 1 or self.pad is not None:
+        if batch_size != 1 or self.pad is not None or self.lengths is not None:
             return None
         ctx = self.context[0] if self.context else self.start
         return max(0, ctx - self.start)
 
     def mask(self, q_len: int, device) -> torch.Tensor | None:
         """Boolean mask (True = may attend), shape (B, 1, q_len, kv_len), or None if all-visible."""
-        if self.pad is None and self.context is None:
+        if self.pad is None and self.context is None and self.lengths is None:
             return None
-        b = len(self.pad if self.pad is not None else self.context)
-        i = torch.arange(self.start, self.start + q_len, device=device)[:, None]  # (q, 1)
+        b = len(next(x for x in (self.pad, self.context, self.lengths) if x is not None))
         j = torch.arange(self.kv_len - self.prefix_len, device=device)[None, :]  # (1, k)
         rows = []
         for r in range(b):
+            start = self.start if self.lengths is None else self.lengths[r] - q_len
+            i = torch.arange(start, start + q_len, device=device)[:, None]  # (q, 1)
             ctx = self.context[r] if self.context else self.start
             pad = self.pad[r] if self.pad else 0
             ok = (j >= pad) & ((j < ctx) | (j <= i))  # (q, k)
@@ -129,7 +140,7 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, T, nh, hd)
         q = apply_rotary_2d(q, rope)
         k = apply_rotary_2d(k, rope)
-        slot = layout.prefix_len + layout.start
+        slot = layout.slot(t)
         keys, values = cache.update(self.layer_id, slot, k.transpose(1, 2), v.transpose(1, 2))
         q = q.transpose(1, 2)  # (B, nh, T, hd)
         # Official code scales by 1/(sqrt(hd)*(l+1)) then multiplies back by (l+1) in float32:
@@ -261,14 +272,30 @@ class ChatGLMModel(nn.Module):
         logits_at: str | torch.Tensor | None = "last",  # "last", "all", index tensor, or None
         return_hidden: bool = False,
     ):
-        x = self.transformer.word_embeddings(input_ids)  # (B, T, h)
-        x = x.to(cache.dtype)
+        x, rope = self.embed(input_ids, position_ids, cache.dtype)
+        x = self.blocks(x, rope, cache, layout)
+        return self.head(x, logits_at, return_hidden)
+
+    # forward in three parts, so that a long prompt's layers can be run a few at a time
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, dtype):
+        """Token embeddings (B, T, h) in ``dtype`` and the rotary tables of the 2-D positions."""
+        x = self.transformer.word_embeddings(input_ids).to(dtype)  # (B, T, h)
         rope = (self.rotary(position_ids[:, 0], x.dtype), self.rotary(position_ids[:, 1], x.dtype))
-        for layer in self.transformer.layers:
+        return x, rope
+
+    def blocks(self, x, rope, cache: KVCache, layout: AttentionLayout, start: int = 0,
+               stop: int | None = None) -> torch.Tensor:
+        """Run blocks [start, stop) on hidden states ``x`` (B, T, h)."""
+        for layer in self.transformer.layers[start:stop]:
             x = x.to(layer.input_layernorm.weight.device)
             if rope[0][0].device != x.device:
                 rope = tuple((c.to(x.device), s.to(x.device)) for c, s in rope)
             x = layer(x, rope, cache, layout)
+        return x
+
+    def head(self, x: torch.Tensor, logits_at: str | torch.Tensor | None = "last",
+             return_hidden: bool = False):
+        """Final layer norm, then logits at ``logits_at`` (or the hidden states)."""
         x = x.to(self.transformer.final_layernorm.weight.device)
         x = self.transformer.final_layernorm(x)
         if return_hidden:

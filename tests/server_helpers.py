@@ -17,13 +17,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model, queue_size: int = 16, webui: bool = False, **app_kwargs):
+def running_server(model, queue_size: int = 16, webui: bool = False, parallel: int = 1,
+                   **app_kwargs):
     """Yield (base_url, worker) for a real server around ``model``; stops it afterwards."""
     import uvicorn
 
     from localglm.server import EngineWorker, create_app
 
-    worker = EngineWorker(model, queue_size=queue_size).start()
+    worker = EngineWorker(model, queue_size=queue_size, parallel=parallel).start()
     app = create_app(worker, webui=webui, **app_kwargs)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",

@@ -199,3 +199,46 @@ def test_generation_options():
     assert chat_config(None, 0.8, 0).greedy  # top_p 0 keeps only the best token: greedy
     g = sampling_config({"temperature": 1.0, "top_p": 1.0}, 16, None, None)
     assert (g.do_sample, g.temperature, g.top_p, g.max_new_tokens) == (True, 1.0, 1.0, 16)
+
+
+def test_parallel_jobs_decode_together_and_a_cancelled_one_frees_its_slot(tiny):
+    from localglm.engine import make_generation_config
+
+    ids = [tiny.tokenizer.encode(q) for q in ("你好", "hello", "晚上好")]
+    long, short = make_generation_config(max_new_tokens=200), make_generation_config(
+        max_new_tokens=6)
+    want_b = [s.text for s in tiny.stream_generate(ids[1], long)]
+    want_c = [s.text for s in tiny.stream_generate(ids[2], short)]
+    with EngineWorker(tiny, queue_size=4, parallel=2) as w:
+        a, b = w.complete(ids[0], long), w.complete(ids[1], long)
+        c = w.complete(ids[2], short)
+        steps_a, steps_b = iter(a), iter(b)  # (dropping an iterator cancels its job)
+        next(steps_a)
+        first_b = next(steps_b)
+        assert w.status()["running"] == 2 and w.status()["waiting"] == 1
+        a.cancel()
+        assert [s.text for s in c] == want_c  # took a's row while b kept decoding
+        assert not b._finished
+        assert [first_b.text] + [s.text for s in steps_b] == want_b
+        deadline = time.monotonic() + 5
+        while (w.batch.rows or w.status()["running"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.batch.rows == [] and w.status()["running"] == 0
+
+
+def test_parallel_worker_keeps_fifo_order_beyond_its_slots():
+    with EngineWorker(fake_model(), queue_size=4, parallel=2) as w:
+        gates = [Gate() for _ in range(3)]
+        jobs = [w.submit(g.steps) for g in gates]
+        assert gates[0].started.wait(5) and gates[1].started.wait(5)
+        assert not gates[2].started.wait(0.2)  # only two run at once
+        assert w.status() == {"running": 2, "waiting": 1, "queue_size": 4, "parallel": 2,
+                              "served": 0}
+        gates[0].release.set()
+        assert list(jobs[0]) == [0, 1, 2]
+        assert gates[2].started.wait(5)
+        for g in gates[1:]:
+            g.release.set()
+        assert [list(j) for j in jobs[1:]] == [[0, 1, 2], [0, 1, 2]]
+    with pytest.raises(LocalGLMError, match="parallel"):
+        EngineWorker(fake_model(), parallel=0)

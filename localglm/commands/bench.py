@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 
 from ..errors import LocalGLMError
 
@@ -28,6 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "decode is timed after the shortest and the longest")
     p.add_argument("--decode-tokens", type=int, default=16,
                    help="tokens to time per decode measurement (default: 16)")
+    p.add_argument("--concurrency", default=None, metavar="N,N,...",
+                   help="measure continuous batching instead: N streams at once for each N "
+                   "(e.g. 1,2,4,8), prompts of the shortest --prompts length, --decode-tokens "
+                   "each; then the worst gap a running stream sees while a prompt of the "
+                   "longest --prompts length joins")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="with --concurrency: prompt tokens x layers / layers prefilled per "
+                   "step while others decode (default: layers worth two decode steps)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--isa", choices=["native", "avx2"], default="native",
                    help="CPU code path: native (the best this CPU has) or avx2, to measure what "
@@ -63,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError:
         raise LocalGLMError(
             f"--prompts must be comma-separated integers, not {args.prompts!r}") from None
+    levels = _levels(args.concurrency) if args.concurrency else []
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     t = time.perf_counter()
     if args.synthetic:
@@ -79,6 +89,20 @@ def main(args: argparse.Namespace) -> int:
                      group_size=args.group_size or DEFAULT_GROUP_SIZE)
         dtype = model.dtype
     load_s = time.perf_counter() - t
+    if args.concurrency:
+        from ..bench_batch import print_table as print_batch
+        from ..bench_batch import run as run_batch
+
+        m = getattr(model, "model", model)
+        join = prompts[-1] if len(prompts) > 1 else 0
+        res = run_batch(m, dtype, levels, prompts[0], args.decode_tokens, join,
+                        args.prefill_tokens, log=log)
+        if args.json:
+            print(json.dumps({"model": name, "precision": args.precision, "load_s": load_s,
+                              **asdict(res)}, indent=2))
+        else:
+            print_batch(res)
+        return 0
     res = bench.run(model, name, args.precision, dtype, load_s, prompts, args.decode_tokens,
                     log=log)
     if args.json:
@@ -88,6 +112,17 @@ def main(args: argparse.Namespace) -> int:
     else:
         print_table(res)
     return 0
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(n) for n in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise LocalGLMError(f"--concurrency must be comma-separated counts >= 1 (e.g. 1,2,4,8), "
+                            f"not {text!r}")
+    return levels
 
 
 def print_table(r) -> None:

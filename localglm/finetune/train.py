@@ -133,7 +133,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.params = setup_adapter(self.model, cfg)
         if cfg.method == "ptuning":
-            llm._cache = None  # the inference cache must now make room for the prefix
+            llm.reset_cache()  # the inference cache must now make room for the prefix
         self.total = total_steps(len(train_data), cfg)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(

@@ -2,7 +2,7 @@
 
 ``create_app`` builds a FastAPI app around an ``EngineWorker``; all state lives in the app
 it returns. Every route that generates goes through the worker's queue, so API and web UI
-users are served one at a time, in arrival order.
+users are served in arrival order (up to the worker's ``parallel`` at once).
 """
 
 import asyncio

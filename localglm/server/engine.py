@@ -1,10 +1,12 @@
 """The server's single owner of the model: one worker thread fed by a bounded FIFO queue.
 
-The model holds one KV cache, so generations run one at a time. Every request (API or web UI)
-becomes a ``Job`` that waits its turn in the queue; the worker runs jobs in arrival order and
-streams their steps back, so two users' tokens never interleave. Requesters consume a job
-from async code (``async for``) or from a thread (``for``); either can ``cancel()`` it, and
-the worker stops that generation before its next token and moves on.
+Every request (API or web UI) becomes a ``Job`` that waits its turn in the queue. Up to
+``parallel`` jobs run at once: each runs on a thread of its own (turning tokens into text and
+steps), while the worker thread runs the model for all of them, decoding the running answers
+in one continuous batch (``localglm.batch``). A new request joins the running batch at the
+next step, and a finished or cancelled one leaves it without stopping the others. With
+``parallel=1`` requests are answered strictly one after another. Requesters consume a job
+from async code (``async for``) or from a thread (``for``); either can ``cancel()`` it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import chat as chatfmt
+from ..batch import cancelled_by
 from ..engine import CHAT_DEFAULTS, LocalGLM, make_generation_config
 from ..errors import LocalGLMError
 from ..generate import GenerationConfig
@@ -39,7 +42,7 @@ class WorkerClosedError(LocalGLMError):
 
 
 class Job:
-    """One request's generation: created by ``EngineWorker.submit``, run by the worker thread.
+    """One request's generation: created by ``EngineWorker.submit``, run on a thread of its own.
 
     Iterate it (``for`` or ``async for``) to receive the steps the worker produces; an error
     raised by the generation is re-raised to the consumer. Iteration ends early, without an
@@ -147,25 +150,34 @@ class Job:
 
 
 class EngineWorker:
-    """Runs every generation on one thread, in arrival order, with a bounded waiting queue.
+    """Runs every generation of the model, up to ``parallel`` at once, in arrival order.
 
-    ``queue_size`` is the number of jobs that may wait while one runs; one more is refused
-    with ``QueueFullError``. Start the thread with ``start()`` (or use it as a context manager).
+    ``queue_size`` is the number of jobs that may wait while ``parallel`` run; one more is
+    refused with ``QueueFullError``. Start the thread with ``start()`` (or use it as a context
+    manager). ``replica`` names this worker in ``status()`` (several replicas of one app).
     """
 
-    def __init__(self, model: LocalGLM, queue_size: int = 16, model_name: str | None = None):
+    def __init__(self, model: LocalGLM, queue_size: int = 16, model_name: str | None = None,
+                 parallel: int = 1, prefill_tokens: int | None = None,
+                 replica: str | None = None):
         if queue_size < 1:
             raise LocalGLMError("the queue size must be at least 1")
+        if parallel < 1:
+            raise LocalGLMError("the number of parallel sequences must be at least 1")
         self.model = model
         self.queue_size = queue_size
+        self.parallel = parallel
+        self.prefill_tokens = prefill_tokens
+        self.replica = replica
         self.model_name = model_name or Path(str(model.path)).name or "chatglm-6b"
         self.created = int(time.time())
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._pending: collections.deque[Job] = collections.deque()
-        self._current: Job | None = None
+        self._running: list[Job] = []
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._batch = None  # the continuous batch, made when the first answer needs it
         self.served = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -181,12 +193,14 @@ class EngineWorker:
         """Cancel the waiting and running jobs and stop the thread."""
         with self._lock:
             self._closing = True
-            jobs = list(self._pending) + ([self._current] if self._current else [])
+            jobs = list(self._pending) + self._running
             self._ready.notify_all()
         for job in jobs:
             job.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._batch is not None:
+            self._batch.close()
 
     def __enter__(self) -> EngineWorker:
         return self.start()
@@ -196,72 +210,103 @@ class EngineWorker:
 
     # -- queue -------------------------------------------------------------------------------
     def submit(self, start: Callable[[], Iterator]) -> Job:
-        """Queue ``start`` (called on the worker thread; returns the step iterator)."""
+        """Queue ``start`` (called on the job's thread; returns the step iterator)."""
         job = Job(start, self)
         with self._lock:
             if self._closing:
                 raise WorkerClosedError("the server is shutting down")
-            if len(self._pending) >= self.queue_size:
+            # jobs about to take a free slot are not waiting
+            free = max(0, self.parallel - len(self._running))
+            if len(self._pending) >= self.queue_size + free:
                 raise QueueFullError(
                     f"the server is busy: {len(self._pending)} request(s) are already waiting "
                     f"(queue size {self.queue_size}); retry shortly")
             self._pending.append(job)
-            self._ready.notify()
+            self._ready.notify_all()
         return job
 
     def status(self) -> dict:
         with self._lock:
-            return {"running": self._current is not None, "waiting": len(self._pending),
-                    "queue_size": self.queue_size, "served": self.served}
+            state = {"running": len(self._running), "waiting": len(self._pending),
+                     "queue_size": self.queue_size, "parallel": self.parallel,
+                     "served": self.served}
+        if self.replica is not None:
+            state["replica"] = self.replica
+        return state
+
+    @property
+    def batch(self):
+        """The continuous batch every answer decodes in (made on first use)."""
+        with self._lock:
+            if self._batch is None:
+                self._batch = self.model.batch(self.parallel, self.prefill_tokens,
+                                               on_change=self._wake)
+                self._batch.driven = True  # the worker thread steps it
+            return self._batch
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._ready.notify_all()
 
     def ahead_of(self, job: Job) -> int | None:
         """How many jobs run or wait before ``job``; None once it has started (or left)."""
         with self._lock:
             if job not in self._pending:
                 return None
-            return self._pending.index(job) + (self._current is not None)
+            return self._pending.index(job) + len(self._running)
 
     def _forget(self, job: Job) -> None:
         with self._lock, contextlib.suppress(ValueError):
             self._pending.remove(job)  # frees its slot at once
 
-    def _next_job(self) -> Job | None:
-        with self._lock:
-            while not self._pending and not self._closing:
-                self._ready.wait()
-            if self._closing:
-                return None
-            self._current = self._pending.popleft()
-            return self._current
-
     def _run(self) -> None:
-        while (job := self._next_job()) is not None:
+        """Start waiting jobs while fewer than ``parallel`` run; step the batch meanwhile."""
+        while True:
+            with self._lock:
+                while self._pending and len(self._running) < self.parallel \
+                        and not self._closing:
+                    job = self._pending.popleft()
+                    self._running.append(job)
+                    threading.Thread(target=self._run_job, args=(job,), daemon=True,
+                                     name="localglm-job").start()
+                if self._closing:
+                    return
+                batch = self._batch
+                if batch is None or not batch.has_work():
+                    self._ready.wait()
+                    continue
             try:
-                self._run_job(job)
-            finally:
+                batch.step()
+            except Exception:  # a bug, not a request's error: end its answers, keep serving
+                log.exception("batch step failed")
+                batch.close()
                 with self._lock:
-                    self._current = None
-                    self.served += 1
+                    self._batch = None
 
     def _run_job(self, job: Job) -> None:
-        if job.cancelled:
-            return
-        job.started_at = time.monotonic()
         steps = None
         try:
-            steps = job._start()
-            for item in steps:
-                if job.cancelled:  # checked between tokens: a stop costs one token at most
-                    break
-                job._put(item)
+            if job.cancelled:
+                return
+            job.started_at = time.monotonic()
+            with cancelled_by(job._cancel):  # its sequences leave the batch when cancelled
+                steps = job._start()
+                for item in steps:
+                    if job.cancelled:  # checked between tokens: a stop costs one token at most
+                        break
+                    job._put(item)
         except Exception as e:  # delivered to the requester, the worker keeps serving
             if not isinstance(e, LocalGLMError):
                 log.exception("generation failed")
             job._fail(e)
         finally:
             if steps is not None and hasattr(steps, "close"):
-                steps.close()  # runs the generator's cleanup, releasing the model's lock
+                steps.close()  # runs the generator's cleanup: its sequence leaves the batch
             job._finish()
+            with self._lock:
+                self._running.remove(job)
+                self.served += 1
+                self._ready.notify_all()
 
     # -- what the server asks of the model ---------------------------------------------------
     @property
@@ -272,11 +317,19 @@ class EngineWorker:
              fitted: chatfmt.FittedPrompt | None = None) -> Job:
         """A job streaming ``ChatStep``s of one chat round (``fitted``: ``check_chat``'s
         result, so that the prompt is fitted once)."""
-        return self.submit(lambda: self.model.chat_stream(query, history, gen, fitted=fitted))
+        batch = self._batch_for(gen)
+        return self.submit(lambda: self.model.chat_stream(query, history, gen, fitted=fitted,
+                                                          batch=batch))
+
+    def _batch_for(self, gen: GenerationConfig):
+        """The continuous batch, except for answers whose tokens need their own logits
+        processing (logprobs, JSON mode): those run alone, still one of ``parallel`` jobs."""
+        return None if gen.logprobs is not None or gen.json_object else self.batch
 
     def complete(self, ids: list[int], gen: GenerationConfig) -> Job:
         """A job streaming ``GenerationResponse``s for a raw prompt."""
-        return self.submit(lambda: self.model.stream_generate(ids, gen))
+        batch = self._batch_for(gen)
+        return self.submit(lambda: self.model.stream_generate(ids, gen, batch=batch))
 
     def embed(self, inputs: list[list[int]]) -> Job:
         """A job yielding one normalised mean-pooled embedding (list of floats) per input."""
