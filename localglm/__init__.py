@@ -7,14 +7,30 @@ import os as _os
 # decoded token. OpenMP reads this when torch loads, so it is set before torch is imported.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .engine import ChatStep, LocalGLM
 from .errors import ContextTooLongError, LocalGLMError, ModelFormatError
-from .generate import GenerationConfig, GenerationResponse
-from .loader import load
+from .options import GenerationConfig
 
 __version__ = "0.1.0"
+
+# Imported on first use: the command line starts (and answers --help) without loading PyTorch.
+_LAZY = {"load": ".loader", "LocalGLM": ".engine", "ChatStep": ".engine",
+         "GenerationResponse": ".generate"}
 
 __all__ = [
     "load", "LocalGLM", "ChatStep", "GenerationConfig", "GenerationResponse",
     "LocalGLMError", "ModelFormatError", "ContextTooLongError", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -6,11 +6,17 @@ import re
 from dataclasses import dataclass
 
 from .errors import ContextTooLongError
+from .streamer import TextStreamer
 
 History = list[tuple[str, str]]  # [(query, response), ...], oldest first
 
+PLACEHOLDER, TRAINED = "[[训练时间]]", "2023年"  # the official chat replaces one by the other
 _PUNCT = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？"))
 _CJK = r"[\u4e00-\u9fff]"
+# What process_response may still change at the end of a growing answer: half-width
+# punctuation (full-width once a CJK character follows) and whitespace (str.strip's, which
+# all lies below U+3001).
+_CHANGEABLE = ",!:;?" + "".join(c for c in map(chr, range(0x3001)) if c.isspace())
 
 
 def build_prompt(query: str, history: History | None = None) -> str:
@@ -24,11 +30,16 @@ def build_prompt(query: str, history: History | None = None) -> str:
 
 def process_response(text: str) -> str:
     """Official post-processing: strip, date placeholder, full-width punctuation next to CJK."""
-    text = text.strip().replace("[[训练时间]]", "2023年")
+    text = text.strip().replace(PLACEHOLDER, TRAINED)
     for half, full in _PUNCT:
         text = re.sub(rf"({_CJK}){half}", rf"\1{full}", text)
         text = re.sub(rf"{half}({_CJK})", rf"{full}\1", text)
     return text
+
+
+def response_streamer() -> TextStreamer:
+    """A streamer for successive ``process_response`` outputs of one growing answer."""
+    return TextStreamer(hold=[PLACEHOLDER], hold_chars=_CHANGEABLE)
 
 
 def normalize_history(history) -> History:
@@ -42,6 +53,11 @@ def normalize_history(history) -> History:
             raise ValueError(f"history[{i}] must be a [query, response] pair of strings")
         out.append((item[0], item[1]))
     return out
+
+
+def tokens(n: int) -> str:
+    """'1 token', '2 tokens'."""
+    return f"{n} token" + ("" if n == 1 else "s")
 
 
 @dataclass
@@ -69,10 +85,10 @@ def fit_prompt(tokenizer, query: str, history: History, budget: int,
     alone = encode(len(history))
     if len(alone) + reserve > budget:
         raise ContextTooLongError(
-            f"the message is {len(alone)} tokens; with {reserve} tokens reserved for the answer "
-            f"it does not fit the context budget of {budget} tokens. Shorten it or lower "
-            "max_new_tokens."
-        )
+            f"the message is {tokens(len(alone))}; with {tokens(reserve)} kept for the answer "
+            f"it does not fit the context budget of {tokens(budget)}. Shorten the message"
+            + (" or allow a shorter answer." if reserve > 1 else "."),
+            prompt_tokens=len(alone), reserved=reserve, budget=budget)
     lo, hi, best = 1, len(history), alone  # invariant: dropping `hi` rounds fits
     while lo < hi:
         mid = (lo + hi) // 2

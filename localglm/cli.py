@@ -25,7 +25,12 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The ``localglm`` parser with the options of ``commands`` (default: every command).
+
+    A command's options are defined by its module, imported only when that command is asked
+    for; none of them imports PyTorch at import time, so ``--help`` answers at once.
+    """
     parser = argparse.ArgumentParser(
         prog="localglm",
         description="Run, chat with, serve and fine-tune ChatGLM-6B on your own computer.",
@@ -33,21 +38,41 @@ def build_parser() -> argparse.ArgumentParser:
         "ChatGLM-6B directory (e.g. a git clone of THUDM/chatglm-6b-int4) or a model id "
         "already in the Hugging Face cache.",
     )
-    parser.add_argument("--version", action="version", version=f"localglm {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"localglm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = COMMANDS if commands is None else commands
     for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name not in wanted:
+            continue
         try:
             mod = importlib.import_module(f".commands.{module}", __package__)
-        except ImportError:
-            continue  # a command whose module is not part of this build
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        except ImportError as e:  # e.g. an optional dependency missing: say so when it is run
+            p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.set_defaults(_main=_unavailable(name, e))
+            continue
         mod.add_arguments(p)
         p.set_defaults(_main=mod.main)
     return parser
 
 
+def _unavailable(name: str, error: ImportError):
+    def main(args) -> int:
+        raise LocalGLMError(f"`localglm {name}` is unavailable here: {error}")
+    return main
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser([_command_in(argv)])
     args = parser.parse_args(argv)
     if not getattr(args, "_main", None):
         parser.print_help()

@@ -19,11 +19,9 @@ from .generate import GenerationConfig, GenerationResponse, generate_step, new_c
 from .generate import generate as _generate
 from .generate import stream_generate as _stream_generate
 from .model import AttentionLayout, ChatGLMModel
+from .options import CHAT_DEFAULTS
 from .tokenizer import ChatGLMTokenizer
 
-# Official model.chat defaults.
-CHAT_DEFAULTS = {"max_length": 2048, "max_new_tokens": None, "do_sample": True, "top_p": 0.7,
-                 "temperature": 0.95}
 _GEN_FIELDS = {f.name for f in fields(GenerationConfig)}
 
 

@@ -8,63 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .cache import KVCache
 from .errors import ContextTooLongError, LocalGLMError
 from .model import AttentionLayout, ChatGLMModel
+from .options import GenerationConfig
 from .sampling import Processor, make_sampler, repetition_penalty, replace_invalid
-
-
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-@dataclass
-class GenerationConfig:
-    """How to pick tokens and when to stop. Field help texts become the CLI flags' help."""
-
-    max_new_tokens: int | None = _opt(256, "generate at most this many tokens")
-    max_length: int | None = _opt(
-        None, "prompt + answer tokens at most (the official max_length)")
-    do_sample: bool = _opt(False, "sample instead of always taking the most likely token")
-    temperature: float = _opt(1.0, "sampling temperature; 0 means greedy (no sampling)")
-    top_p: float = _opt(1.0, "nucleus sampling: keep the top tokens holding this much mass")
-    top_k: int = _opt(0, "keep only the k most likely tokens (0 = off)")
-    repetition_penalty: float = _opt(
-        1.0, "values > 1 discourage tokens already in the prompt or answer")
-    seed: int | None = _opt(None, "random seed, for reproducible sampling")
-    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings"})
-    logprobs: int | None = _opt(
-        None, "report each new token's log-probability and this many top alternatives")
-    json_object: bool = _opt(False, "constrain the output to one JSON object")
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise LocalGLMError(f"temperature must be >= 0, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise LocalGLMError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise LocalGLMError("repetition_penalty must be > 0")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise LocalGLMError(f"logprobs must be >= 0, not {self.logprobs}")
-        for name in ("max_new_tokens", "max_length"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise LocalGLMError(f"{name} must be >= 1, not {v}")
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
-
-    def budget(self, prompt_len: int) -> int:
-        """Number of new tokens allowed for a prompt of ``prompt_len`` tokens."""
-        n = self.max_new_tokens if self.max_new_tokens is not None else 1 << 30
-        if self.max_length is not None:
-            n = min(n, self.max_length - prompt_len)
-        return max(n, 0)
+from .streamer import TextStreamer
 
 
 @dataclass
@@ -304,22 +257,17 @@ def stream_generate(model: ChatGLMModel, tokenizer, prompt: list[int], gen: Gene
     from .tokenizer import StreamDecoder
 
     decoder = StreamDecoder(tokenizer)
+    streamer = TextStreamer(stop=gen.stop)  # holds back a possible start of a stop string
     eos = model.config.eos_token_id
     budget = gen.budget(len(prompt))
-    hold = max((len(s) for s in gen.stop if s), default=1) - 1
     t0 = time.perf_counter()
     t_first = None
     n = 0
-    text, emitted = "", 0
+    text = ""
 
     def step(token, finish):
-        nonlocal emitted
-        stop_at = _find_stop(text, gen.stop)
-        if stop_at is not None:
-            finish, end = "stop", stop_at
-        else:
-            end = len(text) if finish else max(emitted, len(text) - hold)
-        piece, emitted = text[emitted:end], end
+        piece = streamer.push(text, final=finish is not None)
+        finish = "stop" if streamer.stopped else finish
         return _response(piece, token, finish, prompt, n, t0, t_first)
 
     processors, recorder = _processors(gen, tokenizer, len(prompt))
@@ -370,11 +318,6 @@ def _processors(gen: GenerationConfig, tokenizer, prompt_len: int):
 
         processors.append(JSONObjectProcessor(tokenizer, prompt_len))
     return processors, recorder
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
 
 
 def _response(text, token, finish, prompt, n, t0, t_first) -> GenerationResponse:

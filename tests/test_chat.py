@@ -72,9 +72,60 @@ def test_save_and_load_conversation(tmp_path):
         load_history(tmp_path / "bad.json")
 
 
-def test_stable_part_holds_back_changeable_tail():
-    from localglm.commands.chat import stable_part
+def test_commands_are_whole_lines():
+    from localglm.commands.chat import parse_command
 
-    assert stable_part("你好,") == "你好"
-    assert stable_part("你好 ") == "你好"
-    assert stable_part("你好") == "你好"
+    assert parse_command("  stop ") == ("/exit", "")
+    assert parse_command("clear") == ("/clear", "")
+    assert parse_command("/save a b.json") == ("/save", "a b.json")
+    assert parse_command("/regen") == ("/regen", "")
+    for question in ("stop smoking: any tips?", "clear skies: what do they mean?",
+                     "/usr/bin 是什么?", "Stop it", "clearly"):
+        assert parse_command(question) is None, question
+    assert parse_command("/sav x.json") == ("?", "/sav")  # a typo is not sent to the model
+    assert parse_command("/foo") == ("?", "/foo")
+
+
+def test_save_errors_name_the_users_path(tmp_path):
+    from localglm.commands.chat import save_history
+    from localglm.errors import LocalGLMError
+
+    missing = tmp_path / "no" / "dir" / "x.json"
+    with pytest.raises(LocalGLMError) as e:
+        save_history(missing, [("q", "r")])
+    assert str(e.value) == (f"cannot save to {missing}: the folder {missing.parent} does not "
+                            "exist; create it or choose another file")
+    with pytest.raises(LocalGLMError, match="it is a folder; give a file name"):
+        save_history(tmp_path, [("q", "r")])
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_context_error_names_the_flags_the_user_set():
+    from argparse import Namespace
+
+    from localglm.commands.chat import context_error
+
+    def flags(**kw):
+        return Namespace(**{"max_new_tokens": None, "max_length": None, "max_context": None,
+                            **kw})
+
+    e = ContextTooLongError("x", prompt_tokens=300, reserved=1, budget=256)
+    assert context_error(e, flags(), 256) == (
+        "your message is 300 tokens; with 1 token left for the answer it does not fit the "
+        "model's 256-token context: shorten it")
+    e = ContextTooLongError("x", prompt_tokens=90, reserved=20, budget=100)
+    assert context_error(e, flags(max_new_tokens=20, max_length=100), 2048) == (
+        "your message is 90 tokens; with the 20 tokens --max-new-tokens keeps for the answer it "
+        "does not fit --max-length 100: shorten it or lower --max-new-tokens or raise "
+        "--max-length (the model's context holds 2048 tokens)")
+    e = ContextTooLongError("x", prompt_tokens=1, reserved=64, budget=64)
+    assert context_error(e, flags(max_new_tokens=64, max_context=64), 256).endswith(
+        "does not fit --max-context 64: shorten it or lower --max-new-tokens or raise "
+        "--max-context (the model's context holds 256 tokens)")
+
+
+def test_context_error_counts_tokens_in_words(tiny):
+    with pytest.raises(ContextTooLongError) as e:
+        fit_prompt(tiny.tokenizer, "很长" * 40, [], budget=8, reserve=1)
+    assert "with 1 token kept for the answer" in str(e.value)
+    assert (e.value.reserved, e.value.budget) == (1, 8) and e.value.prompt_tokens > 8

@@ -9,7 +9,6 @@ import pytest
 
 from localglm.errors import ContextTooLongError, LocalGLMError
 from localglm.server.engine import (
-    ChatText,
     EngineWorker,
     QueueFullError,
     chat_config,
@@ -200,26 +199,6 @@ def test_generation_options():
     assert chat_config(None, 0.8, 0).greedy  # top_p 0 keeps only the best token: greedy
     g = sampling_config({"temperature": 1.0, "top_p": 1.0}, 16, None, None)
     assert (g.do_sample, g.temperature, g.top_p, g.max_new_tokens) == (True, 1.0, 1.0, 16)
-
-
-@pytest.mark.parametrize("final", [
-    "你好,世界! 这是 a test, ok?",
-    "训练于[[训练时间]],完成",
-    "代码:\n```python\nprint(1)\n```\n",
-    "  leading and trailing  \n",
-    "数学:$x^2$;完",
-])
-def test_chat_text_deltas_add_up_to_the_final_response(final):
-    from localglm.chat import process_response
-
-    text, out = ChatText(), ""
-    for i in range(1, len(final) + 1):
-        partial = process_response(final[:i])
-        piece = text.delta(partial)
-        assert process_response(final).startswith(out + piece)
-        out += piece
-    out += text.delta(process_response(final), final=True)
-    assert out == process_response(final)
 
 
 def test_parallel_jobs_decode_together_and_a_cancelled_one_frees_its_slot(tiny):

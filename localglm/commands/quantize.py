@@ -18,6 +18,7 @@ from ..quantize import (
     SCALE_SUFFIXES,
 )
 from ..quantize.embedding import EMBEDDING_NAME
+from .common import group_size
 
 _HEADER_BYTES = 256  # safetensors header per tensor, generously
 _SLACK = 64 << 10  # config.json, rounding
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["int4", "int8", "float16", "bfloat16", "float32"],
                    help="int4/int8 quantize the block linears; float16/bfloat16/float32 only "
                    "re-save (e.g. pickled .bin files as safetensors)")
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+    p.add_argument("--group-size", type=int, default=None,
                    choices=(0, *INT4_GROUP_SIZES),
                    help="int4 group size (0 = one scale per row, THUDM's own int4 recipe; "
                    f"32 = lower error, 25%% more bytes; default: {DEFAULT_GROUP_SIZE})")
@@ -72,6 +73,7 @@ def output_bytes(src: Path, tensors: dict[str, weights.TensorInfo], precision: s
 
 
 def main(args: argparse.Namespace) -> int:
+    args.group_size = group_size(args, DEFAULT_GROUP_SIZE)  # refused unless --precision int4
     dst = Path(args.output)
     weights.check_output_dir(dst)  # a bad -o fails now, not after the conversion
     src = weights.resolve_model_path(args.model)

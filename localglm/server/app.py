@@ -28,7 +28,6 @@ from .. import chat as chatfmt
 from ..errors import ContextTooLongError, LocalGLMError
 from . import protocol as p
 from .engine import (
-    ChatText,
     EngineWorker,
     Job,
     QueueFullError,
@@ -348,12 +347,12 @@ async def _chat_events(job, model_name: str, include_usage: bool,
         return _sse(p.ChatCompletionChunk(id=cid, created=created, model=model_name, choices=[
             p.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]))
 
-    text, last = ChatText(), None
+    text, last = chatfmt.response_streamer(), None
     try:
         yield chunk(p.ChatDelta(role="assistant", content=""))
         async for last in job:
             pending.extend((last.stats.logprobs if last.stats else None) or [])
-            piece = text.delta(last.response, final=last.finish_reason is not None)
+            piece = text.push(last.response, final=last.finish_reason is not None)
             if piece:
                 yield chunk(p.ChatDelta(content=piece))
     except Exception as e:  # the status line has gone out: the error becomes an event

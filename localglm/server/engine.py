@@ -363,36 +363,3 @@ def sampling_config(defaults: dict, max_new_tokens: int | None, temperature: flo
         defaults, max_new_tokens=max_new_tokens, do_sample=not greedy,
         temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, **options)
 
-
-class ChatText:
-    """Turns the growing, post-processed chat response into append-only text deltas.
-
-    The official post-processing looks at neighbouring characters (half-width punctuation
-    next to CJK becomes full-width, trailing spaces are stripped, a date placeholder is
-    replaced), so the tail that the next token may still change is held back until it is
-    settled; the concatenated deltas always equal the final response.
-    """
-
-    HOLD = set(",!:;?") | set(" \t\r\n")
-    PLACEHOLDER = "[[训练时间]]"
-
-    def __init__(self):
-        self.sent = ""
-
-    def delta(self, response: str, final: bool = False) -> str:
-        shown = response if final else self._stable(response)
-        if not shown.startswith(self.sent) or len(shown) <= len(self.sent):
-            if final and not shown.startswith(self.sent):
-                log.warning("streamed text diverged from the final response")
-            return ""
-        piece, self.sent = shown[len(self.sent):], shown
-        return piece
-
-    def _stable(self, text: str) -> str:
-        end = len(text)
-        while end and text[end - 1] in self.HOLD:
-            end -= 1
-        for n in range(min(len(self.PLACEHOLDER) - 1, end), 0, -1):
-            if self.PLACEHOLDER.startswith(text[end - n:end]):
-                return text[:end - n]
-        return text[:end]
