@@ -191,10 +191,14 @@ if HAVE_NUMBA:
 
         return sig, codegen
 
+    def _bf16_value(builder, bits):
+        """float32 value of bfloat16 bits (i16): they are its upper half."""
+        u = builder.zext(bits, _I32)
+        return builder.bitcast(builder.shl(u, ir.Constant(_I32, 16)), _F32)
+
     def _load_bf16(builder, ptr, idx):
         """float32 value of the bfloat16 bits at ptr[idx] (ptr: i16*)."""
-        u = builder.zext(builder.load(builder.gep(ptr, [idx])), _I32)
-        return builder.bitcast(builder.shl(u, ir.Constant(_I32, 16)), _F32)
+        return _bf16_value(builder, builder.load(builder.gep(ptr, [idx])))
 
     @intrinsic
     def _int4_row_grouped(typingctx, w_addr, x_addr, s_addr, z_addr, dx_addr, xs_addr,
@@ -312,8 +316,7 @@ if HAVE_NUMBA:
         sig = types.float32(types.uint16)
 
         def codegen(context, builder, signature, args):
-            v = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
-            return builder.bitcast(v, _F32)
+            return _bf16_value(builder, args[0])
 
         return sig, codegen
 
