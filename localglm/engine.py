@@ -74,7 +74,25 @@ class LocalGLM:
         line = f"{self.path}: {self.precision} weights on {self.device}"
         if self.precision in ("int8", "int4"):
             line += f", {str(self.dtype).removeprefix('torch.')} activations"
+            kernels = self.kernels()
+            if kernels:
+                line += f"; {kernels}"
         return line + (f" ({self.choice})" if self.choice else "")
+
+    def kernels(self) -> str:
+        """Which kernel the quantized layers run for one token and for a long prompt (every
+        layer shape: `localglm bench`)."""
+        from .quantize import QuantizedLinear
+
+        blocks = self.model.transformer.layers
+        layer = next((m for m in blocks[0].modules() if isinstance(m, QuantizedLinear)), None)
+        if layer is None:
+            return ""
+        picks = {}
+        for rows, what in ((1, "decode"), (512, "prompts")):
+            x = torch.empty(rows, layer.in_features, dtype=self.dtype, device=layer.weight.device)
+            picks.setdefault(layer.describe_kernel(x), []).append(what)
+        return ", ".join(f"{k} ({' and '.join(v)})" for k, v in picks.items())
 
     # -- low level -------------------------------------------------------------------------
     def cache(self, batch_size: int = 1) -> KVCache:

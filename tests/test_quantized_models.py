@@ -172,3 +172,15 @@ def test_cuda_int4_gets_the_activation_dtype_its_kernel_takes(monkeypatch):
     assert default_compute_dtype(torch.device("cpu"), "int4") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert default_compute_dtype(cuda, "int4") == torch.float16
+
+
+def test_start_up_line_names_the_kernels():
+    from localglm.quantize import cpu_kernels
+
+    m = localglm.load(DATA / "chatglm-6b-tiny-int4", device="cpu")
+    line = m.describe()
+    if cpu_kernels.supported():
+        assert f"numba {cpu_kernels.isa()} int4 (decode)" in line
+        assert "dequantize tiles + " in line and "GEMM (prompts)" in line
+    exact = localglm.load(DATA / "chatglm-6b-tiny-int4", compute_dtype="float32", device="cpu")
+    assert "dequantize + matmul (reference) (decode and prompts)" in exact.describe()
