@@ -370,10 +370,12 @@ class Health(BaseModel):
 
     status: str
     model: str
-    running: bool
+    running: int  # answers being generated now (at most ``parallel``)
     waiting: int
     queue_size: int
+    parallel: int
     served: int
+    replica: str | None = None  # with Ray Serve replicas: which one answered
 
 
 class ApiPyResponse(BaseModel):
