@@ -322,9 +322,12 @@ class EngineWorker:
                                                           batch=batch))
 
     def _batch_for(self, gen: GenerationConfig):
-        """The continuous batch, except for answers whose tokens need their own logits
+        """The continuous batch, except with ``parallel`` 1 (answers strictly one at a time,
+        each exactly as generated alone) and for answers whose tokens need their own logits
         processing (logprobs, JSON mode): those run alone, still one of ``parallel`` jobs."""
-        return None if gen.logprobs is not None or gen.json_object else self.batch
+        if self.parallel == 1 or gen.logprobs is not None or gen.json_object:
+            return None
+        return self.batch
 
     def complete(self, ids: list[int], gen: GenerationConfig) -> Job:
         """A job streaming ``GenerationResponse``s for a raw prompt."""
