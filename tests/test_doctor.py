@@ -124,3 +124,18 @@ def test_doctor_on_a_ptuning_checkpoint(tiny_dir):
         f"model {ckpt}: 1 problem; " + NOT_LOADABLE.format("it is"),
         "  it holds only a P-Tuning v2 prefix (transformer.prefix_encoder.*), not a model: use "
         f"it with a base model, e.g. `localglm chat BASE --ptuning {ckpt}`"]
+
+
+def test_doctor_names_the_quantized_kernels():
+    import subprocess
+    import sys
+
+    from localglm.quantize import cpu_kernels
+
+    out = subprocess.run([sys.executable, "-m", "localglm.cli", "doctor"], capture_output=True,
+                         text=True, timeout=120).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("int8/int4 on the cpu: "))
+    if cpu_kernels.isa():
+        assert f"numba {cpu_kernels.isa()} kernels for tokens" in line
+    else:
+        assert "PyTorch's int4/int8 kernels" in line

@@ -50,6 +50,19 @@ def cpu_features() -> str:
     return f"{cap} ({', '.join(have) or 'flags unknown'})"
 
 
+def quantized_kernels() -> str:
+    """What the quantized layers run on this CPU, for a token and for a prompt."""
+    from ..quantize import cpu_kernels
+    from ..quantize.linear import cpu_has_bf16_gemm
+
+    isa = cpu_kernels.isa()
+    if isa is None:
+        return ("PyTorch's int4/int8 kernels (bf16 activations; the numba kernels need numba "
+                "and an AVX2 CPU)")
+    gemm = "bf16 (AMX/AVX512-BF16)" if cpu_has_bf16_gemm() else "float32"
+    return (f"numba {isa} kernels for tokens, dequantized tiles + {gemm} GEMM for prompts")
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -66,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"cpu: {platform.processor() or platform.machine()}, kernels: {cpu_features()}")
+    print(f"int8/int4 on the cpu: {quantized_kernels()}")
     devices = available_devices()
     for d in devices:
         print(f"device {d.name}: {d.free_bytes / GiB:.1f} GiB free of {d.total_bytes / GiB:.1f}")
