@@ -322,12 +322,9 @@ class EngineWorker:
                                                           batch=batch))
 
     def _batch_for(self, gen: GenerationConfig):
-        """The continuous batch, except with ``parallel`` 1 (answers strictly one at a time,
-        each exactly as generated alone) and for answers whose tokens need their own logits
+        """The continuous batch, except for answers whose tokens need their own logits
         processing (logprobs, JSON mode): those run alone, still one of ``parallel`` jobs."""
-        if self.parallel == 1 or gen.logprobs is not None or gen.json_object:
-            return None
-        return self.batch
+        return None if gen.logprobs is not None or gen.json_object else self.batch
 
     def complete(self, ids: list[int], gen: GenerationConfig) -> Job:
         """A job streaming ``GenerationResponse``s for a raw prompt."""
