@@ -107,7 +107,8 @@ class Visitor:
 
     def messages(self, role: str) -> list[str]:
         items = self.page.locator(f"#localglm-chatbot [data-testid='{role}']")
-        return [plain(items.nth(i).inner_text()) for i in range(items.count())]
+        # one snapshot: counting and then reading each would race a page being cleared
+        return [plain(t) for t in items.all_inner_texts()]
 
     def send(self, text: str) -> None:
         self.page.locator("#localglm-input textarea").fill(text)

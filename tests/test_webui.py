@@ -67,7 +67,8 @@ class ChatPage:
 
     def answers(self) -> list[str]:
         bots = self.page.locator("#localglm-chatbot [data-testid='bot']")
-        return [bots.nth(i).inner_text() for i in range(bots.count())]
+        # one snapshot: counting and then reading each would race a page being cleared
+        return bots.all_inner_texts()
 
     def questions(self) -> int:
         return self.page.locator("#localglm-chatbot [data-testid='user']").count()
