@@ -5,6 +5,7 @@ Used by ``localglm bench``; nothing here runs in the unit tests except on tiny s
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from dataclasses import dataclass, field
@@ -138,11 +139,12 @@ def _prompt(cfg: ModelConfig, n: int) -> list[int]:
 
 
 @torch.inference_mode()
-def prefill_and_decode(model: ChatGLMModel, n: int, steps: int, dtype, sampler=None
-                       ) -> tuple[float, float]:
+def prefill_and_decode(model: ChatGLMModel, n: int, steps: int, dtype, sampler=None,
+                       decode_scope=None) -> tuple[float, float]:
     """(prefill tokens/s of an ``n``-token prompt, ms per decoded token after it).
 
     ``sampler`` ((1, V) logits -> (1,) ids) picks each token; greedy when None.
+    ``decode_scope``: a context manager entered around the timed decode steps only.
     """
     pick = sampler or (lambda logits: logits.argmax(-1))
     batch = Batch([_prompt(model.config, n)], model.config, "cpu")
@@ -154,11 +156,13 @@ def prefill_and_decode(model: ChatGLMModel, n: int, steps: int, dtype, sampler=N
     token = pick(logits)[:, None]
     decode_one_token(model, batch, token, index, cache)  # warm-up step, not timed
     index += 1
-    t = time.perf_counter()
-    for _ in range(steps):
-        token = pick(decode_one_token(model, batch, token, index, cache))[:, None]
-        index += 1
-    return n / prefill_s, (time.perf_counter() - t) / max(steps, 1) * 1000
+    with decode_scope or contextlib.nullcontext():
+        t = time.perf_counter()
+        for _ in range(steps):
+            token = pick(decode_one_token(model, batch, token, index, cache))[:, None]
+            index += 1
+        decode_s = time.perf_counter() - t
+    return n / prefill_s, decode_s / max(steps, 1) * 1000
 
 
 def chat_sampler():
@@ -199,20 +203,19 @@ def linear_share(model: ChatGLMModel, dtype, steps: int = 4) -> tuple[float, flo
                 spent[0] += time.perf_counter() - t
         return wrapper
 
+    @contextlib.contextmanager
+    def timing():
+        on[0] = True
+        try:
+            yield
+        finally:
+            on[0] = False
+
     layers = [m for m in model.modules() if isinstance(m, quantize.QuantizedLinear)]
     for m in layers:
         m._forward_no_grad = timed(m._forward_no_grad)
     try:
-        batch = Batch([_prompt(model.config, 8)], model.config, "cpu")
-        cache = new_cache(model, 1, 8 + steps + 2, dtype)
-        token = prefill(model, batch, cache, dtype).argmax(-1, keepdim=True)
-        index = batch.width
-        on[0] = True
-        t = time.perf_counter()
-        for _ in range(steps):
-            token = decode_one_token(model, batch, token, index, cache).argmax(-1, keepdim=True)
-            index += 1
-        total_ms = (time.perf_counter() - t) / steps * 1000
+        _, total_ms = prefill_and_decode(model, 8, steps, dtype, decode_scope=timing())
     finally:
         for m in layers:
             del m._forward_no_grad

@@ -31,19 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cpu_features() -> str:
     import torch
 
+    from ..quantize.linear import cpu_flags
+
     try:
         cap = torch.backends.cpu.get_cpu_capability()
     except AttributeError:
         cap = "unknown"
-    flags = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = cpu_flags()
     wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
               "amx_int8"]
     have = [f for f in wanted if f in flags]

@@ -153,6 +153,29 @@ if HAVE_NUMBA:
         f = _fn(builder, "llvm.vector.reduce.fadd.v8f32", _F32, [_F32, _V8F32])
         return builder.call(f, [ir.Constant(_F32, 0.0), v])
 
+    def _chunk_dots(builder, wp, xp, c, xor, acc_h, acc_l):
+        """Chunk c (32 bytes of w, 64 columns): its high nibbles dotted with the activations
+        at x + 64c, its low nibbles with those at x + 64c + 32, added to acc_h and acc_l."""
+        hi, lo = _nibbles(builder, builder.load(builder.gep(wp, [c]), align=1), xor)
+        c2 = builder.shl(c, ir.Constant(_I64, 1))
+        xh = builder.load(builder.gep(xp, [c2]), align=1)
+        xl = builder.load(builder.gep(xp, [builder.add(c2, ir.Constant(_I64, 1))]), align=1)
+        return _dot(builder, hi, xh, acc_h), _dot(builder, lo, xl, acc_l)
+
+    def _block_dot(builder, wp, xp, b, cpb, xor, acc_h, acc_l):
+        """Integer dot product (8 x i32 partial sums) of block b: chunks b*cpb .. b*cpb+cpb-1,
+        accumulated in the allocas acc_h and acc_l (one chain per nibble half)."""
+        zero = ir.Constant(_V8I32, [0] * 8)
+        builder.store(zero, acc_h)
+        builder.store(zero, acc_l)
+        with cgutils.for_range(builder, cpb) as lc:
+            c = builder.add(builder.mul(b, cpb), lc.index)
+            h, lo = _chunk_dots(builder, wp, xp, c, xor, builder.load(acc_h),
+                                builder.load(acc_l))
+            builder.store(h, acc_h)
+            builder.store(lo, acc_l)
+        return builder.add(builder.load(acc_h), builder.load(acc_l))
+
     @intrinsic
     def _int4_row_blocks(typingctx, w_addr, x_addr, f_addr, nblocks, cpb, xor):
         """sum over blocks b of f[b] * (integer dot of cpb 32-byte chunks with activations).
@@ -168,22 +191,11 @@ if HAVE_NUMBA:
             wp, xp, fp = _ptr(builder, w_a, _V32I8), _ptr(builder, x_a, _V32I8), \
                 _ptr(builder, f_a, _F32)
             accf = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8))
+            zero = ir.Constant(_V8I32, [0] * 8)
+            acc_h = cgutils.alloca_once_value(builder, zero)
+            acc_l = cgutils.alloca_once_value(builder, zero)
             with cgutils.for_range(builder, nb) as lb:
-                zero = ir.Constant(_V8I32, [0] * 8)
-                acc_h = cgutils.alloca_once_value(builder, zero)
-                acc_l = cgutils.alloca_once_value(builder, zero)
-                builder.store(zero, acc_h)
-                builder.store(zero, acc_l)
-                with cgutils.for_range(builder, cpb_) as lc:
-                    c = builder.add(builder.mul(lb.index, cpb_), lc.index)
-                    hi, lo = _nibbles(builder, builder.load(builder.gep(wp, [c]), align=1), xor_)
-                    c2 = builder.shl(c, ir.Constant(_I64, 1))
-                    xh = builder.load(builder.gep(xp, [c2]), align=1)
-                    xl = builder.load(builder.gep(xp, [builder.add(c2, ir.Constant(_I64, 1))]),
-                                      align=1)
-                    builder.store(_dot(builder, hi, xh, builder.load(acc_h)), acc_h)
-                    builder.store(_dot(builder, lo, xl, builder.load(acc_l)), acc_l)
-                tot = builder.add(builder.load(acc_h), builder.load(acc_l))
+                tot = _block_dot(builder, wp, xp, lb.index, cpb_, xor_, acc_h, acc_l)
                 f = _splat(builder, builder.load(builder.gep(fp, [lb.index])), 8)
                 builder.store(_fma(builder, builder.sitofp(tot, _V8F32), f,
                                    builder.load(accf)), accf)
@@ -221,23 +233,11 @@ if HAVE_NUMBA:
             acc_l = cgutils.alloca_once_value(builder, zero)
             with cgutils.for_range(builder, nb) as lb:
                 b = lb.index
-                builder.store(zero, acc_h)
-                builder.store(zero, acc_l)
-                with cgutils.for_range(builder, cpb_) as lc:
-                    c = builder.add(builder.mul(b, cpb_), lc.index)
-                    hi, lo = _nibbles(builder, builder.load(builder.gep(wp, [c]), align=1),
-                                      ir.Constant(_I8, 0))
-                    c2 = builder.shl(c, ir.Constant(_I64, 1))
-                    xh = builder.load(builder.gep(xp, [c2]), align=1)
-                    xl = builder.load(builder.gep(xp, [builder.add(c2, ir.Constant(_I64, 1))]),
-                                      align=1)
-                    builder.store(_dot(builder, hi, xh, builder.load(acc_h)), acc_h)
-                    builder.store(_dot(builder, lo, xl, builder.load(acc_l)), acc_l)
+                tot = _block_dot(builder, wp, xp, b, cpb_, ir.Constant(_I8, 0), acc_h, acc_l)
                 sg = _load_bf16(builder, sp, b)
                 zg = _load_bf16(builder, zp, b)
                 dx = builder.load(builder.gep(dxp, [b]))
                 xs = builder.load(builder.gep(xsp, [b]))
-                tot = builder.add(builder.load(acc_h), builder.load(acc_l))
                 f = _splat(builder, builder.fmul(dx, sg), 8)
                 builder.store(_fma(builder, builder.sitofp(tot, _V8F32), f,
                                    builder.load(accf)), accf)
@@ -261,13 +261,9 @@ if HAVE_NUMBA:
             lanes = ir.Constant(ir.VectorType(_I32, 8), [0, 0, 0, 0, 1, 1, 1, 1])
             with cgutils.for_range(builder, nc) as lc:
                 c = lc.index
-                hi, lo = _nibbles(builder, builder.load(builder.gep(wp, [c]), align=1), xor_)
-                c2 = builder.shl(c, ir.Constant(_I64, 1))
-                xh = builder.load(builder.gep(xp, [c2]), align=1)
-                xl = builder.load(builder.gep(xp, [builder.add(c2, ir.Constant(_I64, 1))]),
-                                  align=1)
                 zero = ir.Constant(_V8I32, [0] * 8)
-                tot = builder.add(_dot(builder, hi, xh, zero), _dot(builder, lo, xl, zero))
+                h, lo = _chunk_dots(builder, wp, xp, c, xor_, zero, zero)
+                tot = builder.add(h, lo)
                 f2 = builder.load(builder.gep(fp, [c]), align=4)
                 f = builder.shuffle_vector(f2, ir.Constant(f2.type, ir.Undefined), lanes)
                 builder.store(_fma(builder, builder.sitofp(tot, _V8F32), f,

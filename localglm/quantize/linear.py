@@ -17,6 +17,7 @@ of every weight. Per call:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -49,23 +50,25 @@ def cpu_has_bf16_gemm() -> bool:
     cap = torch.backends.cpu.get_cpu_capability()
     if cap not in ("AVX512",):
         return False
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-_FLAGS: set[str] | None = None
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere), read once."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.split(":", 1)[-1].split())
 
 
-def _cpu_flags() -> set[str]:
-    global _FLAGS
-    if _FLAGS is None:
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                line = next((ln for ln in f if ln.startswith("flags")), "")
-            _FLAGS = set(line.split(":", 1)[-1].split())
-        except OSError:
-            _FLAGS = set()
-    return _FLAGS
+def _tile_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The GEMM dtype of the prefill tiles: bf16 for bf16 activations where the CPU multiplies
+    bf16 natively, else float32."""
+    return torch.bfloat16 if x_dtype == torch.bfloat16 and cpu_has_bf16_gemm() else torch.float32
 
 
 def _check_config(
@@ -254,7 +257,7 @@ class QuantizedLinear(nn.Module):
         if k == "cpu-gemv":
             return f"numba {cpu_kernels.isa()} int{self.bits}"
         if k == "cpu-tiled":
-            gemm = "bf16" if cpu_has_bf16_gemm() and x.dtype == torch.bfloat16 else "fp32"
+            gemm = "bf16" if _tile_dtype(x.dtype) == torch.bfloat16 else "fp32"
             return f"dequantize tiles + {gemm} GEMM"
         if k.startswith("torch-"):
             return f"PyTorch _weight_{k[6:]}pack_mm"
@@ -293,8 +296,7 @@ class QuantizedLinear(nn.Module):
 
     def _forward_tiled(self, x2: torch.Tensor) -> torch.Tensor:
         """Prefill: dequantize PREFILL_TILE_ROWS output rows at a time into the GEMM dtype."""
-        gemm = torch.bfloat16 if cpu_has_bf16_gemm() and x2.dtype == torch.bfloat16 \
-            else torch.float32
+        gemm = _tile_dtype(x2.dtype)
         xg = x2.to(gemm)
         out = torch.empty(x2.shape[0], self.out_features, dtype=gemm)  # [M, N]
         tile = torch.empty(min(PREFILL_TILE_ROWS, self.out_features), self.in_features,
