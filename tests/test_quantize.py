@@ -233,6 +233,12 @@ KERNEL_CASES = [
     (33, 256, 4, 64),
     (20, 384, 4, 128),
     (5, 512, 4, 256),
+    # 8 or more activation blocks (summed 8 at a time) plus a remainder
+    (10, 1152, 8, 0),
+    (12, 1088, 4, 0),
+    (24, 1152, 4, 128),
+    (16, 1088, 4, 64),
+    (6, 2304, 4, 256),
 ]
 
 
@@ -256,7 +262,7 @@ needs_kernels = pytest.mark.skipif(not cpu_kernels.supported(),
 @pytest.mark.reduced_precision
 @needs_kernels
 @pytest.mark.parametrize("out_f,in_f,bits,group", KERNEL_CASES)
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
 def test_cpu_kernel_within_stated_bound(out_f, in_f, bits, group, rows):
     lin, m = _layer(out_f, in_f, bits, group)
     x = (torch.randn(rows, in_f) * torch.rand(in_f) * 3).half()  # uneven column magnitudes

@@ -139,8 +139,9 @@ if HAVE_NUMBA:
 
     def _nibbles(builder, w, xor):
         """Unsigned high and low nibbles of 32 bytes (after an optional XOR 0x88 that turns
-        signed nibbles s into s + 8)."""
-        w = builder.xor(w, builder.bitcast(_splat(builder, xor, 32), _V32I8))
+        signed nibbles s into s + 8; None: no XOR)."""
+        if xor is not None:
+            w = builder.xor(w, builder.bitcast(_splat(builder, xor, 32), _V32I8))
         lo = builder.and_(w, ir.Constant(_V32I8, [15] * 32))
         hi = builder.lshr(w, ir.Constant(_V32I8, [4] * 32))
         return hi, lo
@@ -162,47 +163,6 @@ if HAVE_NUMBA:
         xl = builder.load(builder.gep(xp, [builder.add(c2, ir.Constant(_I64, 1))]), align=1)
         return _dot(builder, hi, xh, acc_h), _dot(builder, lo, xl, acc_l)
 
-    def _block_dot(builder, wp, xp, b, cpb, xor, acc_h, acc_l):
-        """Integer dot product (8 x i32 partial sums) of block b: chunks b*cpb .. b*cpb+cpb-1,
-        accumulated in the allocas acc_h and acc_l (one chain per nibble half)."""
-        zero = ir.Constant(_V8I32, [0] * 8)
-        builder.store(zero, acc_h)
-        builder.store(zero, acc_l)
-        with cgutils.for_range(builder, cpb) as lc:
-            c = builder.add(builder.mul(b, cpb), lc.index)
-            h, lo = _chunk_dots(builder, wp, xp, c, xor, builder.load(acc_h),
-                                builder.load(acc_l))
-            builder.store(h, acc_h)
-            builder.store(lo, acc_l)
-        return builder.add(builder.load(acc_h), builder.load(acc_l))
-
-    @intrinsic
-    def _int4_row_blocks(typingctx, w_addr, x_addr, f_addr, nblocks, cpb, xor):
-        """sum over blocks b of f[b] * (integer dot of cpb 32-byte chunks with activations).
-
-        Chunk c (64 columns) is 32 bytes at w + 32c; its high nibbles pair with the 32 int8
-        activations at x + 64c, its low nibbles with those at x + 64c + 32.
-        """
-        sig = types.float32(types.uint64, types.uint64, types.uint64, types.int64,
-                            types.int64, types.uint8)
-
-        def codegen(context, builder, signature, args):
-            w_a, x_a, f_a, nb, cpb_, xor_ = args
-            wp, xp, fp = _ptr(builder, w_a, _V32I8), _ptr(builder, x_a, _V32I8), \
-                _ptr(builder, f_a, _F32)
-            accf = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8))
-            zero = ir.Constant(_V8I32, [0] * 8)
-            acc_h = cgutils.alloca_once_value(builder, zero)
-            acc_l = cgutils.alloca_once_value(builder, zero)
-            with cgutils.for_range(builder, nb) as lb:
-                tot = _block_dot(builder, wp, xp, lb.index, cpb_, xor_, acc_h, acc_l)
-                f = _splat(builder, builder.load(builder.gep(fp, [lb.index])), 8)
-                builder.store(_fma(builder, builder.sitofp(tot, _V8F32), f,
-                                   builder.load(accf)), accf)
-            return _hsum(builder, builder.load(accf))
-
-        return sig, codegen
-
     def _bf16_value(builder, bits):
         """float32 value of bfloat16 bits (i16): they are its upper half."""
         u = builder.zext(bits, _I32)
@@ -213,43 +173,8 @@ if HAVE_NUMBA:
         return _bf16_value(builder, builder.load(builder.gep(ptr, [idx])))
 
     @intrinsic
-    def _int4_row_grouped(typingctx, w_addr, x_addr, s_addr, z_addr, dx_addr, xs_addr,
-                          nblocks, cpb):
-        """One row of localglm int4 whose groups are the activation blocks (group 64/128):
-        sum_g dx_g * s_g * dot_g + (z_g - 8 s_g) * xs_g, with the scale and zero of each
-        group read in the same pass as its nibbles (no per-row prologue)."""
-        sig = types.float32(types.uint64, types.uint64, types.uint64, types.uint64,
-                            types.uint64, types.uint64, types.int64, types.int64)
-
-        def codegen(context, builder, signature, args):
-            w_a, x_a, s_a, z_a, dx_a, xs_a, nb, cpb_ = args
-            wp, xp = _ptr(builder, w_a, _V32I8), _ptr(builder, x_a, _V32I8)
-            sp, zp = _ptr(builder, s_a, _I16), _ptr(builder, z_a, _I16)
-            dxp, xsp = _ptr(builder, dx_a, _F32), _ptr(builder, xs_a, _F32)
-            zero = ir.Constant(_V8I32, [0] * 8)
-            accf = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8))
-            bias = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-            acc_h = cgutils.alloca_once_value(builder, zero)
-            acc_l = cgutils.alloca_once_value(builder, zero)
-            with cgutils.for_range(builder, nb) as lb:
-                b = lb.index
-                tot = _block_dot(builder, wp, xp, b, cpb_, ir.Constant(_I8, 0), acc_h, acc_l)
-                sg = _load_bf16(builder, sp, b)
-                zg = _load_bf16(builder, zp, b)
-                dx = builder.load(builder.gep(dxp, [b]))
-                xs = builder.load(builder.gep(xsp, [b]))
-                f = _splat(builder, builder.fmul(dx, sg), 8)
-                builder.store(_fma(builder, builder.sitofp(tot, _V8F32), f,
-                                   builder.load(accf)), accf)
-                zc = builder.fsub(zg, builder.fmul(ir.Constant(_F32, 8.0), sg))
-                builder.store(builder.fadd(builder.load(bias), builder.fmul(zc, xs)), bias)
-            return builder.fadd(_hsum(builder, builder.load(accf)), builder.load(bias))
-
-        return sig, codegen
-
-    @intrinsic
     def _int4_row_halves(typingctx, w_addr, x_addr, f_addr, nchunks, xor):
-        """Like _int4_row_blocks with one factor per 32 columns (groups of 32): in a chunk,
+        """int4 nibbles with one factor per 32 columns (groups of 32): in a chunk,
         bytes 0-15 (i32 lanes 0-3) hold columns 0-31 and bytes 16-31 columns 32-63."""
         sig = types.float32(types.uint64, types.uint64, types.uint64, types.int64, types.uint8)
 
@@ -272,39 +197,229 @@ if HAVE_NUMBA:
 
         return sig, codegen
 
-    @intrinsic
-    def _int8_row_blocks(typingctx, w_addr, x_addr, f_addr, nblocks, upb):
-        """sum over blocks b of f[b] * (integer dot of upb 32-byte units of int8 weights)."""
-        sig = types.float32(types.uint64, types.uint64, types.uint64, types.int64, types.int64)
+    # Activation rows one kernel call takes: each weight chunk is loaded and unpacked once,
+    # then multiplied with every row (batched decode reads the weights once per step).
+    MAX_ROWS = 4
+    _PREFETCH = int(os.environ.get("LOCALGLM_PREFETCH", "0"))  # chunks ahead; 0: none
+    _ONES16 = ir.Constant(_V16I16, [1] * 16)
+
+    def _rows_kernel(kind: str, rows: int):
+        """An intrinsic that computes ``rows`` activation rows' dot products with one weight row,
+        block by block, and stores them (float32) at y[0 .. rows-1].
+
+        kind "grouped": localglm int4 whose groups are the activation blocks (64/128 columns):
+          y = sum_b dx_b s_b dot_b + (z_b - 8 s_b) xs_b, scale and zero read with the nibbles.
+        kind "int4": int4 nibbles (xor 0x88 for signed ones), y = sum_b f_b dot_b with the
+          factors f [rows, nb] given (a per-row scale and correction are the caller's).
+        kind "int8": int8 weights in 32-byte units, y = sum_b f_b dot_b.
+        Arguments: weight row, activations (row m at x + 32 kx m), kx, s, z (bf16 bits, grouped
+        only), f or dx [rows, nb], xs [rows, nb], nb, chunks (32 bytes) per block, xor, y; then
+        n: weight rows to do (row i at w + i wstride bytes, its scales at s + i sstride, its
+        results at y + i + m ystride).
+        """
+        sig = types.void(types.uint64, types.uint64, types.int64, types.uint64, types.uint64,
+                         types.uint64, types.uint64, types.int64, types.int64, types.uint8,
+                         types.uint64, types.int64, types.int64, types.int64, types.int64)
+        int4 = kind != "int8"
+        # AVX2 int4: vpmaddubsw pairs (|q| <= 15, |a| <= 127: each lane <= 3810) add up in
+        # int16 over a block of up to 4 chunks (8 products, 30480 < 32767), then one vpmaddwd.
+        wide16 = int4 and not _VNNI
 
         def codegen(context, builder, signature, args):
-            w_a, x_a, f_a, nb, upb_ = args
-            wp, xp = _ptr(builder, w_a, _V32I8), _ptr(builder, x_a, _V32I8)
-            fp = _ptr(builder, f_a, _F32)
+            (w_a, x_a, kx, s_a, z_a, f_a, xs_a, nb, cpb, xor, y_a, n, wstride, sstride,
+             ystride) = args
+            xp = _ptr(builder, x_a, _V32I8)
+            fp, xsp = (_ptr(builder, a, _F32) for a in (f_a, xs_a))
+            w0, y0 = _ptr(builder, w_a, _I8), _ptr(builder, y_a, _F32)
+            s0, z0 = _ptr(builder, s_a, _I16), _ptr(builder, z_a, _I16)
+            acc_t = _V16I16 if wide16 else _V8I32
+            acc_zero = ir.Constant(acc_t, [0] * acc_t.count)
+            # two integer chains per row with VNNI (vpdpbusd's latency), one otherwise
+            chains = 2 if (_VNNI and int4) else 1
+            accf = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8))
+                    for _ in range(rows)]
+            bias = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+                    for _ in range(rows)]
+            acc = [[cgutils.alloca_once_value(builder, acc_zero) for _ in range(chains)]
+                   for _ in range(rows)]
             sign = _fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
-            accf = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8))
-            with cgutils.for_range(builder, nb) as lb:
-                zero = ir.Constant(_V8I32, [0] * 8)
-                acc = cgutils.alloca_once_value(builder, zero)
-                builder.store(zero, acc)
-                with cgutils.for_range(builder, upb_) as lu:
-                    u = builder.add(builder.mul(lb.index, upb_), lu.index)
-                    w = builder.load(builder.gep(wp, [u]), align=1)
-                    x = builder.load(builder.gep(xp, [u]), align=1)
-                    if _VNNI:  # w + 128 as unsigned; the caller subtracts 128 * sum(x)
-                        aw = builder.xor(w, ir.Constant(_V32I8, [-128] * 32))
-                        sx = x
-                    else:  # |w| x sign(w)*x: products of pairs stay inside vpmaddubsw's int16
-                        aw = builder.call(sign, [w, w])
-                        sx = builder.call(sign, [x, w])
-                    builder.store(_dot(builder, aw, sx, builder.load(acc)), acc)
-                tot = builder.load(acc)
-                f = _splat(builder, builder.load(builder.gep(fp, [lb.index])), 8)
-                builder.store(_fma(builder, builder.sitofp(tot, _V8F32), f,
-                                   builder.load(accf)), accf)
-            return _hsum(builder, builder.load(accf))
+            pmadd = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
+            pmaddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+            phadd = _fn(builder, "llvm.x86.avx2.phadd.d", _V8I32, [_V8I32, _V8I32])
+            prefetch = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(),
+                           [_I8.as_pointer(), _I32, _I32, _I32])
+            one = ir.Constant(_I64, 1)
 
-        return sig, codegen
+            def xrow(m, unit):  # the 32 activation bytes of unit `unit` in row m
+                i = builder.add(builder.mul(ir.Constant(_I64, m), kx), unit)
+                return builder.load(builder.gep(xp, [i]), align=1)
+
+            def chunk(c):  # one 32-byte chunk of weights, with every activation row
+                w = builder.load(builder.gep(wp, [c]), align=1)
+                if _PREFETCH:
+                    ahead = builder.gep(wp, [builder.add(c, ir.Constant(_I64, _PREFETCH))])
+                    builder.call(prefetch, [builder.bitcast(ahead, _I8.as_pointer()),
+                                            ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                                            ir.Constant(_I32, 1)])
+                if int4:
+                    hi, lo = _nibbles(builder, w, xor) if kind == "int4" else \
+                        _nibbles(builder, w, None)
+                    c2 = builder.shl(c, one)
+                    for m in range(rows):
+                        xh, xl = xrow(m, c2), xrow(m, builder.add(c2, one))
+                        if wide16:
+                            p = builder.add(builder.call(pmadd, [hi, xh]),
+                                            builder.call(pmadd, [lo, xl]))
+                            builder.store(builder.add(builder.load(acc[m][0]), p), acc[m][0])
+                        else:
+                            ah, al = acc[m]
+                            builder.store(_dot(builder, hi, xh, builder.load(ah)), ah)
+                            builder.store(_dot(builder, lo, xl, builder.load(al)), al)
+                    return
+                if _VNNI:  # w + 128 as unsigned; the caller subtracts 128 * sum(x)
+                    aw = builder.xor(w, ir.Constant(_V32I8, [-128] * 32))
+                else:  # |w| x sign(w) x: pairs of products stay inside int16
+                    aw = builder.call(sign, [w, w])
+                for m in range(rows):
+                    x = xrow(m, c)
+                    sx = x if _VNNI else builder.call(sign, [x, w])
+                    a = acc[m][0]
+                    builder.store(_dot(builder, aw, sx, builder.load(a)), a)
+
+            def block_totals(b, per_block):
+                """The integer dot products (8 x i32 partial sums) of block b, per row."""
+                for row in acc:
+                    for a in row:
+                        builder.store(acc_zero, a)
+                if isinstance(per_block, int):
+                    first = builder.mul(b, ir.Constant(_I64, per_block))
+                    for j in range(per_block):
+                        chunk(builder.add(first, ir.Constant(_I64, j)))
+                else:
+                    with cgutils.for_range(builder, per_block) as lc:
+                        chunk(builder.add(builder.mul(b, per_block), lc.index))
+                totals = []
+                for m in range(rows):
+                    if wide16:
+                        totals.append(builder.call(pmaddwd, [builder.load(acc[m][0]), _ONES16]))
+                    else:
+                        tot = builder.load(acc[m][0])
+                        for a in acc[m][1:]:
+                            tot = builder.add(tot, builder.load(a))
+                        totals.append(tot)
+                return totals
+
+            def lane_sums(ts):
+                """8 vectors (8 x i32) -> one whose lane j is the sum of ts[j]'s lanes."""
+                a = [builder.call(phadd, [ts[i], ts[i + 1]]) for i in range(0, 8, 2)]
+                b = [builder.call(phadd, [a[0], a[1]]), builder.call(phadd, [a[2], a[3]])]
+                lo = builder.shuffle_vector(b[0], b[1], ir.Constant(
+                    ir.VectorType(_I32, 8), [0, 1, 2, 3, 8, 9, 10, 11]))
+                hi = builder.shuffle_vector(b[0], b[1], ir.Constant(
+                    ir.VectorType(_I32, 8), [4, 5, 6, 7, 12, 13, 14, 15]))
+                return builder.add(lo, hi)
+
+            def bf16x8(ptr, i):  # 8 bfloat16 values at ptr[i] as 8 x float32
+                v = builder.load(builder.bitcast(builder.gep(ptr, [i]),
+                                                 ir.VectorType(_I16, 8).as_pointer()), align=2)
+                v = builder.shl(builder.zext(v, _V8I32), ir.Constant(_V8I32, [16] * 8))
+                return builder.bitcast(v, _V8F32)
+
+            def f32x8(ptr, i):
+                return builder.load(builder.bitcast(builder.gep(ptr, [i]), _V8F32.as_pointer()),
+                                    align=4)
+
+            def blocks(per_block):
+                """The loop over blocks, 8 at a time (their sums scaled by one vector multiply)
+                then one by one; chunks unrolled when per_block is a constant."""
+                eight = ir.Constant(_I64, 8)
+                with cgutils.for_range(builder, builder.sdiv(nb, eight)) as lg:
+                    b0 = builder.mul(lg.index, eight)
+                    parts = [[] for _ in range(rows)]
+                    for j in range(8):
+                        b = builder.add(b0, ir.Constant(_I64, j))
+                        for m, t in enumerate(block_totals(b, per_block)):
+                            parts[m].append(t)
+                    if kind == "grouped":
+                        sv = bf16x8(sp, b0)
+                        zc = builder.fsub(bf16x8(zp, b0), builder.fmul(
+                            ir.Constant(_V8F32, [8.0] * 8), sv))
+                    for m in range(rows):
+                        i = builder.add(builder.mul(ir.Constant(_I64, m), nb), b0)
+                        f = f32x8(fp, i)
+                        if kind == "grouped":
+                            f = builder.fmul(f, sv)
+                            builder.store(_fma(builder, zc, f32x8(xsp, i),
+                                               builder.load(accf[m])), accf[m])
+                        tot = builder.sitofp(lane_sums(parts[m]), _V8F32)
+                        builder.store(_fma(builder, tot, f, builder.load(accf[m])), accf[m])
+                rest = builder.mul(builder.sdiv(nb, eight), eight)
+                with cgutils.for_range_slice(builder, rest, nb, one) as (b, _):
+                    totals = block_totals(b, per_block)
+                    if kind == "grouped":
+                        sg = _load_bf16(builder, sp, b)
+                        zc = builder.fsub(_load_bf16(builder, zp, b),
+                                          builder.fmul(ir.Constant(_F32, 8.0), sg))
+                    for m in range(rows):
+                        i = builder.add(builder.mul(ir.Constant(_I64, m), nb), b)
+                        f = builder.load(builder.gep(fp, [i]))
+                        if kind == "grouped":
+                            f = builder.fmul(f, sg)
+                            xs = builder.load(builder.gep(xsp, [i]))
+                            builder.store(
+                                builder.fadd(builder.load(bias[m]), builder.fmul(zc, xs)),
+                                bias[m])
+                        builder.store(_fma(builder, builder.sitofp(totals[m], _V8F32),
+                                           _splat(builder, f, 8), builder.load(accf[m])),
+                                      accf[m])
+
+            def dispatch():
+                """The usual chunks per block unrolled (128 columns: 2 int4 chunks, 4 int8
+                units; 64 columns: half that), any other count in a loop."""
+                sizes = (2, 1) if int4 else (4, 2)
+                usual_ = builder.icmp_signed("==", cpb, ir.Constant(_I64, sizes[0]))
+                with builder.if_else(usual_) as (usual, other):
+                    with usual:
+                        blocks(sizes[0])
+                    with other:
+                        half_ = builder.icmp_signed("==", cpb, ir.Constant(_I64, sizes[1]))
+                        with builder.if_else(half_) as (half, rest):
+                            with half:
+                                blocks(sizes[1])
+                            with rest:
+                                blocks(cpb)
+
+            with cgutils.for_range(builder, n) as lr:
+                r = lr.index
+                # the closures above read these: this weight row's bytes, scales and zeros
+                wp = builder.bitcast(builder.gep(w0, [builder.mul(r, wstride)]),
+                                     _V32I8.as_pointer())
+                sp = builder.gep(s0, [builder.mul(r, sstride)])
+                zp = builder.gep(z0, [builder.mul(r, sstride)])
+                for m in range(rows):
+                    builder.store(ir.Constant(_V8F32, [0.0] * 8), accf[m])
+                    builder.store(ir.Constant(_F32, 0.0), bias[m])
+                dispatch()
+                for m in range(rows):
+                    y = builder.fadd(_hsum(builder, builder.load(accf[m])),
+                                     builder.load(bias[m]))
+                    i = builder.add(builder.mul(ir.Constant(_I64, m), ystride), r)
+                    builder.store(y, builder.gep(y0, [i]))
+            return context.get_dummy_value()
+
+        def typer(typingctx, w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, wstride, sstride,
+                  ystride):
+            return sig, codegen
+
+        typer.__name__ = f"_dot_{kind}_{rows}"
+        return intrinsic(typer)
+
+    _GROUPED = [_rows_kernel("grouped", r) for r in range(1, MAX_ROWS + 1)]
+    _INT4 = [_rows_kernel("int4", r) for r in range(1, MAX_ROWS + 1)]
+    _INT8 = [_rows_kernel("int8", r) for r in range(1, MAX_ROWS + 1)]
+    _G1, _G2, _G3, _G4 = _GROUPED
+    _Q1, _Q2, _Q3, _Q4 = _INT4
+    _B1, _B2, _B3, _B4 = _INT8
 
     @intrinsic
     def _bf16(typingctx, u):
@@ -389,6 +504,40 @@ if HAVE_NUMBA:
             bias += (_bf16(zrow[g]) - np.float32(8.0) * sg) * gs
         return bias
 
+    # One function per kind that picks the kernel for mm (1..MAX_ROWS) activation rows.
+    @njit(cache=True)
+    def _dot_grouped(mm, w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys):
+        if mm == 4:
+            _G4(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+        elif mm == 3:
+            _G3(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+        elif mm == 2:
+            _G2(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+        else:
+            _G1(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+
+    @njit(cache=True)
+    def _dot_int4(mm, w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys):
+        if mm == 4:
+            _Q4(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+        elif mm == 3:
+            _Q3(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+        elif mm == 2:
+            _Q2(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+        else:
+            _Q1(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+
+    @njit(cache=True)
+    def _dot_int8(mm, w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys):
+        if mm == 4:
+            _B4(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+        elif mm == 3:
+            _B3(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+        elif mm == 2:
+            _B2(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+        else:
+            _B1(w, x, kx, s, z, f, xs, nb, cpb, xor, y, n, ws, ss, ys)
+
     @njit(parallel=True, cache=True)
     def _int4_grouped(w, s, z, xq, dx, xs, group, out):
         """localglm int4: w uint8 [N, K/2], s and z bf16 bits [N, G]; weight (q-8)*s + z."""
@@ -397,29 +546,35 @@ if HAVE_NUMBA:
         nb = dx.shape[1]
         blk = k // nb  # activation block: 32 (group 32) or 64/128
         per_group = group // blk
-        wa, xa = w.ctypes.data, xq.ctypes.data
+        wa, xa, oa = w.ctypes.data, xq.ctypes.data, out.ctypes.data
         if per_group == 1 and blk >= 64:  # one activation block per group: a single pass
             sa, za, dxa, xsa = s.ctypes.data, z.ctypes.data, dx.ctypes.data, xs.ctypes.data
             for t in prange((n + _ROWS - 1) // _ROWS):
-                for r in range(t * _ROWS, min(n, t * _ROWS + _ROWS)):
-                    for m in range(m_rows):
-                        out[m, r] = _int4_row_grouped(
-                            wa + r * half, xa + m * k, sa + r * nb * 2, za + r * nb * 2,
-                            dxa + m * nb * 4, xsa + m * nb * 4, nb, blk // 64)
+                r0 = t * _ROWS
+                for m0 in range(0, m_rows, MAX_ROWS):
+                    _dot_grouped(min(MAX_ROWS, m_rows - m0), wa + r0 * half, xa + m0 * k,
+                                 k // 32, sa + r0 * nb * 2, za + r0 * nb * 2, dxa + m0 * nb * 4,
+                                 xsa + m0 * nb * 4, nb, blk // 64, np.uint8(0),
+                                 oa + (m0 * n + r0) * 4, min(n, r0 + _ROWS) - r0, half, nb, n)
             return
         for t in prange((n + _ROWS - 1) // _ROWS):
-            f = np.empty(nb, np.float32)
-            fa = f.ctypes.data
+            f = np.empty((m_rows, nb), np.float32)
+            bias = np.empty(m_rows, np.float32)
             for r in range(t * _ROWS, min(n, t * _ROWS + _ROWS)):
                 for m in range(m_rows):
-                    bias = _group_factors(s[r], z[r], dx[m], xs[m], per_group, f)
-                    xrow = xa + m * k
-                    if blk == 32:
-                        y = _int4_row_halves(wa + r * half, xrow, fa, half // 32, np.uint8(0))
-                    else:
-                        y = _int4_row_blocks(wa + r * half, xrow, fa, nb, blk // 64,
-                                             np.uint8(0))
-                    out[m, r] = y + bias
+                    bias[m] = _group_factors(s[r], z[r], dx[m], xs[m], per_group, f[m])
+                if blk == 32:
+                    for m in range(m_rows):
+                        out[m, r] = bias[m] + _int4_row_halves(
+                            wa + r * half, xa + m * k, f[m].ctypes.data, half // 32,
+                            np.uint8(0))
+                    continue
+                for m0 in range(0, m_rows, MAX_ROWS):
+                    _dot_int4(min(MAX_ROWS, m_rows - m0), wa + r * half, xa + m0 * k, k // 32,
+                              0, 0, f.ctypes.data + m0 * nb * 4, 0, nb, blk // 64, np.uint8(0),
+                              oa + (m0 * n + r) * 4, 1, half, 0, n)
+                for m in range(m_rows):
+                    out[m, r] += bias[m]
 
     @njit(parallel=True, cache=True)
     def _rowscaled(w, s, xq, dx, xs, bits, out):
@@ -429,24 +584,31 @@ if HAVE_NUMBA:
         m_rows, k = xq.shape
         nb = dx.shape[1]
         blk = k // nb
-        wa, xa = w.ctypes.data, xq.ctypes.data
-        corr = np.zeros(m_rows, np.float32)  # sum of the activations, per activation row
+        wa, xa, dxa, oa = w.ctypes.data, xq.ctypes.data, dx.ctypes.data, out.ctypes.data
+        # the activations' sum per row, times the weights' offset (8 for int4 nibbles)
+        corr = np.zeros(m_rows, np.float32)
+        offset = np.float32(8.0) if bits == 4 else np.float32(INT8_OFFSET)
         for m in range(m_rows):
             for b in range(nb):
                 corr[m] += xs[m, b]
+            corr[m] *= offset
         for t in prange((n + _ROWS - 1) // _ROWS):
-            for r in range(t * _ROWS, min(n, t * _ROWS + _ROWS)):
+            r0 = t * _ROWS
+            r1 = min(n, r0 + _ROWS)
+            for m0 in range(0, m_rows, MAX_ROWS):
+                mm = min(MAX_ROWS, m_rows - m0)
+                if bits == 4:
+                    _dot_int4(mm, wa + r0 * row_bytes, xa + m0 * k, k // 32, 0, 0,
+                              dxa + m0 * nb * 4, 0, nb, blk // 64, np.uint8(0x88),
+                              oa + (m0 * n + r0) * 4, r1 - r0, row_bytes, 0, n)
+                else:
+                    _dot_int8(mm, wa + r0 * row_bytes, xa + m0 * k, k // 32, 0, 0,
+                              dxa + m0 * nb * 4, 0, nb, blk // 32, np.uint8(0),
+                              oa + (m0 * n + r0) * 4, r1 - r0, row_bytes, 0, n)
+            for r in range(r0, r1):
                 sr = _fp16(s[r])
                 for m in range(m_rows):
-                    fa = dx.ctypes.data + m * nb * 4
-                    xrow = xa + m * k
-                    if bits == 4:
-                        y = _int4_row_blocks(wa + r * row_bytes, xrow, fa, nb, blk // 64,
-                                             np.uint8(0x88))
-                        out[m, r] = sr * (y - np.float32(8.0) * corr[m])
-                    else:
-                        y = _int8_row_blocks(wa + r * row_bytes, xrow, fa, nb, blk // 32)
-                        out[m, r] = sr * (y - np.float32(INT8_OFFSET) * corr[m])
+                    out[m, r] = sr * (out[m, r] - corr[m])
 
 _threads = [0]
 
