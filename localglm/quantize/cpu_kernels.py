@@ -457,32 +457,59 @@ if HAVE_NUMBA:
 
     _ROWS = 32  # output rows per parallel task
 
+    @njit(cache=True, fastmath=True)
+    def _absmax(v):
+        amax = np.float32(0.0)
+        for i in range(v.shape[0]):
+            amax = max(amax, abs(v[i]))
+        return amax
+
+    _ROUND = np.float32(12582912.0)  # 1.5 * 2**23: y + R - R rounds |y| < 2**22 half to even
+
+    @njit(cache=True)
+    def _quantize_row(v, blk, pair, t, q, dx, xs):
+        """int8 activations of one row per block of blk columns: q (permuted to even/odd
+        halves per 64 columns when pair; t is scratch), scales dx, xs = dx * sum(q)."""
+        for b in range(v.shape[0] // blk):
+            lo = b * blk
+            d = _absmax(v[lo:lo + blk]) / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            total = np.int32(0)
+            vb, tb = v[lo:lo + blk], t[lo:lo + blk]
+            for i in range(blk):  # the same as np.rint, and vectorised
+                r = np.int32((vb[i] * inv + _ROUND) - _ROUND)
+                tb[i] = np.int8(r)
+                total += r
+            dx[b] = d
+            xs[b] = np.float32(total) * d
+        if not pair:
+            q[:] = t
+            return
+        pairs = t.view(np.uint16)  # (column 2j, column 2j + 1) of each 64 -> j, 32 + j
+        qb = q.view(np.uint8)
+        for base in range(0, v.shape[0] // 2, 32):
+            for j in range(32):
+                p = pairs[base + j]
+                qb[2 * base + j] = np.uint8(p & 0xFF)
+                qb[2 * base + 32 + j] = np.uint8(p >> 8)
+
     @njit(cache=True)
     def _quantize_x(x, blk, pair, xq, dx, xs):
-        """int8 activations per block of blk columns: xq [M, K] (permuted to even/odd
-        halves per 64 columns when pair), dx scales [M, K/blk], xs = dx * sum(xq) [M, K/blk]."""
-        m_rows, k = x.shape
-        for m in range(m_rows):
-            for b in range(k // blk):
-                amax = np.float32(0.0)
-                for i in range(b * blk, (b + 1) * blk):
-                    a = abs(x[m, i])
-                    if a > amax:
-                        amax = a
-                d = amax / np.float32(127.0)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                total = 0
-                for i in range(b * blk, (b + 1) * blk):
-                    q = np.int8(np.rint(x[m, i] * inv))
-                    total += q
-                    if pair:  # column i of a 64-block -> even half or odd half
-                        base = i - (i & 63)
-                        j = base + ((i & 63) >> 1) + 32 * (i & 1)
-                    else:
-                        j = i
-                    xq[m, j] = q
-                dx[m, b] = d
-                xs[m, b] = np.float32(total) * d
+        """float32 activations x [M, K] -> xq [M, K], dx and xs [M, K/blk]."""
+        t = np.empty(x.shape[1], np.int8)
+        for m in range(x.shape[0]):
+            _quantize_row(x[m], blk, pair, t, xq[m], dx[m], xs[m])
+
+    @njit(cache=True)
+    def _quantize_half(xb, bf16, blk, pair, xq, dx, xs):
+        """Like _quantize_x for bf16 or fp16 activations given as their bits (uint16)."""
+        k = xb.shape[1]
+        v = np.empty(k, np.float32)
+        t = np.empty(k, np.int8)
+        for m in range(xb.shape[0]):
+            for i in range(k):
+                v[i] = _bf16(xb[m, i]) if bf16 else _fp16(xb[m, i])
+            _quantize_row(v, blk, pair, t, xq[m], dx[m], xs[m])
 
     @njit(cache=True, fastmath=True)
     def _group_factors(srow, zrow, dxm, xsm, per_group, f):
@@ -628,39 +655,52 @@ def _u16(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
+def operands(weight: torch.Tensor, scale: torch.Tensor,
+             zero: torch.Tensor | None = None) -> tuple:
+    """The arrays the kernels read, without copies: weight as stored, scales and zeros as
+    their 16-bit patterns. A layer can keep these between calls (they share its memory)."""
+    return (weight.numpy(), _u16(scale), None if zero is None else _u16(zero))
+
+
 def _prep_x(x2: torch.Tensor, blk: int, pair: bool):
     _sync_threads()
     m, k = x2.shape
-    xf = x2.detach().to(torch.float32).contiguous().numpy()
     xq = np.empty((m, k), np.int8)
     dx = np.empty((m, k // blk), np.float32)
     xs = np.empty((m, k // blk), np.float32)
-    _quantize_x(xf, blk, pair, xq, dx, xs)
+    x2 = x2.detach()
+    if x2.dtype in (torch.bfloat16, torch.float16):
+        _quantize_half(_u16(x2), x2.dtype == torch.bfloat16, blk, pair, xq, dx, xs)
+    else:
+        _quantize_x(x2.to(torch.float32).contiguous().numpy(), blk, pair, xq, dx, xs)
     return xq, dx, xs
 
 
 def matmul_int4(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                zero: torch.Tensor | None, group: int) -> torch.Tensor:
+                zero: torch.Tensor | None, group: int, ops: tuple | None = None) -> torch.Tensor:
     """x2 [M, K] @ dequantized int4 weight.T -> float32 [M, N].
 
     group 0: THUDM's per-row layout (weight int8 [N, K/2], scale fp16 [N]); else localglm
     group-wise (weight uint8 [N, K/2], scale and zero bf16 [N, K/group]). K % 64 == 0.
+    ops: `operands(weight, scale, zero)`, if the caller keeps them.
     """
-    n = weight.shape[0]
-    out = np.empty((x2.shape[0], n), np.float32)
+    w, s, z = ops or operands(weight, scale, zero)
+    out = np.empty((x2.shape[0], w.shape[0]), np.float32)
     xq, dx, xs = _prep_x(x2, block(4, group, x2.shape[1]), True)
     if group == 0:
-        _rowscaled(weight.numpy(), _u16(scale), xq, dx, xs, 4, out)
+        _rowscaled(w, s, xq, dx, xs, 4, out)
     else:
-        _int4_grouped(weight.numpy(), _u16(scale), _u16(zero), xq, dx, xs, group, out)
+        _int4_grouped(w, s, z, xq, dx, xs, group, out)
     return torch.from_numpy(out)
 
 
-def matmul_int8(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def matmul_int8(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                ops: tuple | None = None) -> torch.Tensor:
     """x2 [M, K] @ (int8 weight [N, K] * fp16 scale [N]).T -> float32 [M, N]. K % 64 == 0."""
-    out = np.empty((x2.shape[0], weight.shape[0]), np.float32)
+    w, s, _ = ops or operands(weight, scale)
+    out = np.empty((x2.shape[0], w.shape[0]), np.float32)
     xq, dx, xs = _prep_x(x2, block(8, 0, x2.shape[1]), False)
-    _rowscaled(weight.numpy(), _u16(scale), xq, dx, xs, 8, out)
+    _rowscaled(w, s, xq, dx, xs, 8, out)
     return torch.from_numpy(out)
 
 

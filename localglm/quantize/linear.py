@@ -159,8 +159,9 @@ class QuantizedLinear(nn.Module):
             self.bias = nn.Parameter(b, requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        # (device, dtype) -> PyTorch kernel operands; derived, never saved.
-        self._torch_cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
+        # Derived kernel operands, never saved: PyTorch's per (device, dtype), and under
+        # "numpy" the numba kernels' views of the stored tensors.
+        self._torch_cache: dict = {}
 
     @property
     def fmt(self) -> str:
@@ -279,12 +280,19 @@ class QuantizedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if k == "cpu-gemv":
+            zero = self.weight_zero if self.bits == 4 and self.group_size else None
+            # views of the stored tensors, kept while the layer holds the same memory
+            at = (self.weight.data_ptr(), self.weight_scale.data_ptr())
+            at_ops = self._torch_cache.get("numpy")
+            if at_ops is None or at_ops[0] != at:
+                at_ops = self._torch_cache["numpy"] = (
+                    at, cpu_kernels.operands(self.weight, self.weight_scale, zero))
+            ops = at_ops[1]
             if self.bits == 8:
-                y = cpu_kernels.matmul_int8(x2, self.weight, self.weight_scale)
+                y = cpu_kernels.matmul_int8(x2, self.weight, self.weight_scale, ops)
             else:
-                zero = self.weight_zero if self.group_size else None
                 y = cpu_kernels.matmul_int4(x2, self.weight, self.weight_scale, zero,
-                                            self.group_size)
+                                            self.group_size, ops)
             y = y.to(x.dtype)  # [M, N]
         elif k == "cpu-tiled":
             y = self._forward_tiled(x2)
