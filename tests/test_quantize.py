@@ -262,8 +262,12 @@ needs_kernels = pytest.mark.skipif(not cpu_kernels.supported(),
 @pytest.mark.reduced_precision
 @needs_kernels
 @pytest.mark.parametrize("out_f,in_f,bits,group", KERNEL_CASES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
-def test_cpu_kernel_within_stated_bound(out_f, in_f, bits, group, rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 41])
+def test_cpu_kernel_within_stated_bound(out_f, in_f, bits, group, rows, monkeypatch):
+    import localglm.quantize.linear as qlinear
+
+    # a prompt's rows take these kernels too where the CPU has no bf16 GEMM
+    monkeypatch.setattr(qlinear, "cpu_has_bf16_gemm", lambda: False)
     lin, m = _layer(out_f, in_f, bits, group)
     x = (torch.randn(rows, in_f) * torch.rand(in_f) * 3).half()  # uneven column magnitudes
     assert m.kernel(x) == "cpu-gemv"
@@ -320,6 +324,7 @@ def test_prefill_tiles_match_reference(out_f, in_f, bits, group, monkeypatch):
     import localglm.quantize.linear as qlinear
 
     monkeypatch.setattr(qlinear, "PREFILL_TILE_ROWS", 8)
+    monkeypatch.setattr(qlinear, "cpu_has_bf16_gemm", lambda: True)  # tiles on any CPU
     lin, m = _layer(out_f, in_f, bits, group)
     x = torch.randn(qlinear.CPU_GEMV_MAX_ROWS + 1, in_f).half()  # fp16: always an fp32 GEMM
     if not cpu_kernels.supported():

@@ -5,11 +5,12 @@ The layer keeps exactly the stored tensors (what ``state_dict`` saves and what a
 checkpoint maps), and on the CPU the numba kernels read those same bytes, so there is one copy
 of every weight. Per call:
 
-* CPU, up to `CPU_GEMV_MAX_ROWS` rows (decode, small batches): `cpu_kernels` (int8
-  activations, integer multiply-add, at the memory-bandwidth limit);
-* CPU, more rows (prefill): the weight is dequantized in tiles of `PREFILL_TILE_ROWS` output
-  rows and multiplied by the GEMM the CPU does best (bf16 where it has AVX512-BF16/AMX, else
-  float32), so memory stays bounded;
+* CPU, decode and small batches (up to `CPU_GEMV_MAX_ROWS` rows), and prompts of any length
+  on CPUs without native bf16 GEMM: `cpu_kernels` (int8 activations, integer multiply-add;
+  on AVX2 2-2.5x faster than dequantizing to float32 for a GEMM, measured up to 1000 rows);
+* CPU with AVX512-BF16/AMX, more rows (prefill): the weight is dequantized in tiles of
+  `PREFILL_TILE_ROWS` output rows and multiplied by the bf16 GEMM (float32 for fp16
+  activations), so memory stays bounded;
 * CUDA, bf16 activations, int4: PyTorch's int4 kernel (a derived, unsaved copy);
 * float32 activations (the exact mode), anything else, and every call that needs gradients:
   `forward_reference` (dequantize, then F.linear), the path every kernel is tested against.
@@ -39,8 +40,8 @@ from .formats import (
     quantize_int8_official,
 )
 
-# Rows (tokens) up to which the CPU runs the integer matrix-vector kernels; above, tiles of
-# dequantized weights go through a GEMM (see benchmarks/bench_linear.py for the crossover).
+# Rows (tokens) up to which a CPU with native bf16 GEMM runs the integer kernels; above,
+# tiles of dequantized weights go through the GEMM (benchmarks/bench_linear.py times both).
 CPU_GEMV_MAX_ROWS = 16
 PREFILL_TILE_ROWS = 1024
 
@@ -234,7 +235,8 @@ class QuantizedLinear(nn.Module):
                     and cpu_kernels.shape_ok(self.bits, self.group_size, self.in_features)):
                 return self._torch_cpu_kernel(x)
             rows = x.numel() // self.in_features
-            return "cpu-gemv" if rows <= CPU_GEMV_MAX_ROWS else "cpu-tiled"
+            return "cpu-tiled" if rows > CPU_GEMV_MAX_ROWS and cpu_has_bf16_gemm() \
+                else "cpu-gemv"
         if dev == "cuda" and self.bits == 4 and x.dtype == torch.bfloat16 \
                 and torch_kernels.HAS_CUDA_INT4:
             # PyTorch's CUDA int8 kernel is a naive fp32 loop, slower than dequantize + cuBLAS.
