@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_attention
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -56,6 +57,13 @@ class AttentionLayout:
             return None
         ctx = self.context[0] if self.context else self.start
         return max(0, ctx - self.start)
+
+    def decode_ranges(self, batch_size: int) -> tuple[list[int], list[int]]:
+        """For one query per row (its last token): the token slots [lo, hi) each row sees,
+        besides the prefix slots: everything from the end of its padding to itself."""
+        pad = self.pad or [0] * batch_size
+        ends = self.lengths or [self.kv_len - self.prefix_len] * batch_size
+        return ([self.prefix_len + p for p in pad], [self.prefix_len + n for n in ends])
 
     def mask(self, q_len: int, device) -> torch.Tensor | None:
         """Boolean mask (True = may attend), shape (B, 1, q_len, kv_len), or None if all-visible."""
@@ -146,7 +154,10 @@ class SelfAttention(nn.Module):
         # Official code scales by 1/(sqrt(hd)*(l+1)) then multiplies back by (l+1) in float32:
         # mathematically plain 1/sqrt(hd), which SDPA applies.
         split = layout.split_at(b)
-        if split is None:
+        if t == 1 and cpu_attention.usable(q, keys):  # a decode step over a bf16/fp16 cache
+            lo, hi = layout.decode_ranges(b)
+            out = cpu_attention.decode_attention(q, keys, values, layout.prefix_len, lo, hi)
+        elif split is None:
             mask = layout.mask(t, x.device)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         else:

@@ -89,6 +89,7 @@ def test_long_prompt_joins_layer_groups_between_decode_steps(tiny, prompts):
 def test_cancelled_sequence_frees_its_row(tiny, prompts):
     want = solo(tiny, prompts[:3], [{"max_new_tokens": 40}] * 3)
     batch = tiny.batch(2)
+    batch.prefill_ratio = 1e9  # a joining prompt in one step however long its layers take
     a, b = (batch.submit(p, config(max_new_tokens=40)) for p in prompts[:2])
     batch.step()
     batch.step()

@@ -640,7 +640,7 @@ if HAVE_NUMBA:
 _threads = [0]
 
 
-def _sync_threads() -> None:
+def sync_threads() -> None:
     """Run the kernels on as many threads as PyTorch's pool (torch.set_num_threads), never
     more: the two pools take turns on the same cores."""
     n = min(torch.get_num_threads(), _nb_config.NUMBA_NUM_THREADS)
@@ -663,7 +663,7 @@ def operands(weight: torch.Tensor, scale: torch.Tensor,
 
 
 def _prep_x(x2: torch.Tensor, blk: int, pair: bool):
-    _sync_threads()
+    sync_threads()
     m, k = x2.shape
     xq = np.empty((m, k), np.int8)
     dx = np.empty((m, k // blk), np.float32)
@@ -764,7 +764,7 @@ def dequantize_tile(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                     bits: int, group: int, rows: slice, out: torch.Tensor) -> torch.Tensor:
     """Output rows ``rows`` of a stored int4/int8 weight into ``out`` [R, K] (bf16 or
     float32): the reference's float32 value, rounded once to bf16 for a bf16 tile."""
-    _sync_threads()
+    sync_threads()
     r0 = rows.start or 0
     w = weight.numpy()
     if bits == 8:
