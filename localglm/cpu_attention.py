@@ -1,4 +1,4 @@
-"""Attention of one new token per row over a bf16/fp16 KV cache on the CPU, compiled by numba.
+"""Attention of one new token per row over a bf16 KV cache on the CPU, compiled by numba.
 
 A decode step's query sees every cached key of its row (the prefix slots of P-Tuning v2, then
 its tokens from the end of its left padding on), so no mask is needed: the kernel reads each
@@ -6,8 +6,8 @@ key and value once, in the cache's dtype, and converts to float32 in registers. 
 scaled_dot_product_attention on a bf16 cache is slow without native bf16 arithmetic (AVX2):
 measured +75 % per token after a 1000-token prompt on a Zen 3 CPU, most of it there.
 
-Scores, softmax and the weighted sum are float32; the result is rounded once to the cache's
-dtype, as PyTorch's kernel does.
+Scores, softmax and the weighted sum are float32; the result is rounded once to bf16, as
+PyTorch's kernel does.
 """
 
 from __future__ import annotations
@@ -24,27 +24,24 @@ __all__ = ["decode_attention", "usable"]
 if cpu_kernels.HAVE_NUMBA:
     from numba import njit, prange
 
-    from .quantize.cpu_kernels import _bf16, _fp16
-
-    @njit(cache=True, fastmath=True, inline="always")
-    def _value(u, bf16):
-        return _bf16(u) if bf16 else _fp16(u)
+    from .quantize.cpu_kernels import _bf16
 
     @njit(parallel=True, cache=True, fastmath=True)
-    def _attend(q, k, v, prefix, lo, hi, scale, bf16, out):
-        """q float32 [B, H, D]; k, v uint16 [B, H, S, D] (cache bits); row b sees slots
-        [0, prefix) and [lo[b], hi[b]); out float32 [B, H, D]."""
+    def _attend(q, k, v, prefix, lo, hi, scale, out):
+        """q float32 [B, H, D]; k, v bf16 bits [B, H, S, D] (the whole cache); row b sees
+        slots [0, prefix) and [lo[b], hi[b]); out float32 [B, H, D]."""
         nb, nh, d = q.shape
         for t in prange(nb * nh):
             b, h = t // nh, t % nh
             n = prefix + hi[b] - lo[b]
             s = np.empty(n, np.float32)
+            qv = q[b, h]
             best = np.float32(-np.inf)
             for i in range(n):
-                j = i if i < prefix else lo[b] + i - prefix
+                kr = k[b, h, i if i < prefix else lo[b] + i - prefix]
                 acc = np.float32(0.0)
                 for c in range(d):
-                    acc += q[b, h, c] * _value(k[b, h, j, c], bf16)
+                    acc += qv[c] * _bf16(kr[c])
                 s[i] = acc * scale
                 best = max(best, s[i])
             total = np.float32(0.0)
@@ -53,22 +50,26 @@ if cpu_kernels.HAVE_NUMBA:
                 total += s[i]
             o = np.zeros(d, np.float32)
             for i in range(n):
-                j = i if i < prefix else lo[b] + i - prefix
+                vr = v[b, h, i if i < prefix else lo[b] + i - prefix]
                 p = s[i] / total
                 for c in range(d):
-                    o[c] += p * _value(v[b, h, j, c], bf16)
-            for c in range(d):
-                out[b, h, c] = o[c]
+                    o[c] += p * _bf16(vr[c])
+            out[b, h] = o
 
 
 def usable(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether the kernel takes this call: CPU, one query per row, a bf16/fp16 cache."""
+    """Whether the kernel takes this call: CPU, one query per row, a bf16 cache."""
     return (cpu_kernels.supported() and q.device.type == "cpu" and q.shape[2] == 1
-            and keys.dtype in (torch.bfloat16, torch.float16) and q.dtype == keys.dtype)
+            and keys.dtype == torch.bfloat16 and q.dtype == keys.dtype)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.int16).numpy().view(np.uint16)
+    """The bf16 bits of the cache tensor that ``t`` (its first slots) is a view of."""
+    b, h, _, d = t.shape
+    whole = t.as_strided((b, h, t.stride(1) // d, d), t.stride())
+    if not whole.is_contiguous():
+        whole = t.contiguous()
+    return whole.view(torch.int16).numpy().view(np.uint16)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -80,6 +81,5 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     out = np.empty((b, h, d), np.float32)
     cpu_kernels.sync_threads()
     _attend(qf, _bits(keys), _bits(values), prefix, np.asarray(lo, np.int64),
-            np.asarray(hi, np.int64), np.float32(1.0 / math.sqrt(d)),
-            keys.dtype == torch.bfloat16, out)
+            np.asarray(hi, np.int64), np.float32(1.0 / math.sqrt(d)), out)
     return torch.from_numpy(out).to(q.dtype)[:, :, None]
