@@ -200,7 +200,6 @@ if HAVE_NUMBA:
     # Activation rows one kernel call takes: each weight chunk is loaded and unpacked once,
     # then multiplied with every row (batched decode reads the weights once per step).
     MAX_ROWS = 4
-    _PREFETCH = int(os.environ.get("LOCALGLM_PREFETCH", "0"))  # chunks ahead; 0: none
     _ONES16 = ir.Constant(_V16I16, [1] * 16)
 
     def _rows_kernel(kind: str, rows: int):
@@ -246,8 +245,6 @@ if HAVE_NUMBA:
             pmadd = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
             pmaddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
             phadd = _fn(builder, "llvm.x86.avx2.phadd.d", _V8I32, [_V8I32, _V8I32])
-            prefetch = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(),
-                           [_I8.as_pointer(), _I32, _I32, _I32])
             one = ir.Constant(_I64, 1)
 
             def xrow(m, unit):  # the 32 activation bytes of unit `unit` in row m
@@ -256,11 +253,6 @@ if HAVE_NUMBA:
 
             def chunk(c):  # one 32-byte chunk of weights, with every activation row
                 w = builder.load(builder.gep(wp, [c]), align=1)
-                if _PREFETCH:
-                    ahead = builder.gep(wp, [builder.add(c, ir.Constant(_I64, _PREFETCH))])
-                    builder.call(prefetch, [builder.bitcast(ahead, _I8.as_pointer()),
-                                            ir.Constant(_I32, 0), ir.Constant(_I32, 3),
-                                            ir.Constant(_I32, 1)])
                 if int4:
                     hi, lo = _nibbles(builder, w, xor) if kind == "int4" else \
                         _nibbles(builder, w, None)
