@@ -154,7 +154,7 @@ class SelfAttention(nn.Module):
         # Official code scales by 1/(sqrt(hd)*(l+1)) then multiplies back by (l+1) in float32:
         # mathematically plain 1/sqrt(hd), which SDPA applies.
         split = layout.split_at(b)
-        if t == 1 and cpu_attention.usable(q, keys):  # a decode step over a bf16/fp16 cache
+        if t == 1 and cpu_attention.usable(q, keys):  # a decode step over a bf16 cache
             lo, hi = layout.decode_ranges(b)
             out = cpu_attention.decode_attention(q, keys, values, layout.prefix_len, lo, hi)
         elif split is None:

@@ -462,6 +462,8 @@ if HAVE_NUMBA:
     def _quantize_row(v, blk, pair, t, q, dx, xs):
         """int8 activations of one row per block of blk columns: q (permuted to even/odd
         halves per 64 columns when pair; t is scratch), scales dx, xs = dx * sum(q)."""
+        if not pair:
+            t = q  # no permutation: quantize in place
         for b in range(v.shape[0] // blk):
             lo = b * blk
             d = _absmax(v[lo:lo + blk]) / np.float32(127.0)
@@ -475,7 +477,6 @@ if HAVE_NUMBA:
             dx[b] = d
             xs[b] = np.float32(total) * d
         if not pair:
-            q[:] = t
             return
         pairs = t.view(np.uint16)  # (column 2j, column 2j + 1) of each 64 -> j, 32 + j
         qb = q.view(np.uint8)
