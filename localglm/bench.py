@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from . import quantize, weights
+from . import malloc, quantize, weights
 from .config import ModelConfig
 from .engine import LocalGLM
 from .generate import Batch, decode_one_token, new_cache, prefill
 from .loader import DEFAULT_GROUP_SIZE, prepare_kernels
-from .model import ChatGLMModel, RotaryTable
+from .model import ChatGLMModel, RotaryTable, skeleton
 from .quantize.embedding import use_quantized_head
 
 CHATGLM_6B = ModelConfig()  # the real shapes: vocab 130528, hidden 4096, 28 layers, inner 16384
@@ -36,7 +36,8 @@ class BenchResult:
     decode_ms_per_token: float = 0.0
     decode_ms_per_token_long: float = 0.0
     long_context: int = 0
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0  # MiB (2**20 bytes), the unit of /proc's VmHWM / 1024
+    peak_rss_gb: float = 0.0  # the same peak in GB (1e9 bytes), as chatglm.cpp's bench reports
     bandwidth_gbs: float = 0.0
     roofline_ms_per_token: float = 0.0
     # decode after the short prompt with the chat sampler (temperature 0.95, top_p 0.7)
@@ -55,7 +56,7 @@ class BenchResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux: VmHWM), else the current RSS."""
+    """Peak resident set size of this process in MiB (Linux: VmHWM), else the current RSS."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -102,8 +103,7 @@ def synthetic_model(cfg: ModelConfig, precision: str, dtype: torch.dtype,
     float copy of the block weights ever exists.
     """
     g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = ChatGLMModel(cfg)
+    model = skeleton(cfg)
     if precision in ("int8", "int4"):
         bits = 8 if precision == "int8" else 4
         group_size = group_size if bits == 4 else 0
@@ -118,6 +118,7 @@ def synthetic_model(cfg: ModelConfig, precision: str, dtype: torch.dtype,
         weights.assign(model, name, value)
     model.rotary = RotaryTable(cfg.head_dim // 2, cfg.max_sequence_length)
     prepare_kernels(model, dtype)
+    malloc.return_large_blocks()  # as the loader does on the CPU
     return model.eval()
 
 
@@ -256,6 +257,7 @@ def run(model: ChatGLMModel | LocalGLM, name: str, precision: str, dtype, load_s
     res.sampler_ms_per_token = time_sampler(m.config.vocab_size)
     res.linear_ms_per_token, res.other_ms_per_token = linear_share(m, dtype)
     res.peak_rss_mb = peak_rss_mb()
+    res.peak_rss_gb = res.peak_rss_mb * 2**20 / 1e9
     res.bandwidth_gbs = measure_bandwidth()
     res.roofline_ms_per_token = res.weight_bytes / (res.bandwidth_gbs * 1e9) * 1000
     return res

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from . import demo, quantize, weights
+from . import demo, malloc, quantize, weights
 from .config import ModelConfig
 from .convert import dequantize_head, quantize_head, quantize_stream
 from .engine import LocalGLM
 from .errors import LocalGLMError, ModelFormatError
-from .model import ChatGLMModel, RotaryTable
+from .model import ChatGLMModel, RotaryTable, skeleton
 from .quantize import cpu_kernels, torch_kernels
 from .quantize.embedding import use_quantized_head
 from .quantize.formats import DEFAULT_GROUP_SIZE
@@ -100,8 +100,7 @@ def load(
     prefix_tensors = read_ptuning(Path(ptuning), cfg) if ptuning is not None else {}
     placement = plan_placement(cfg, canonical_precision(precision), device, devices,
                                max_context or cfg.max_sequence_length, compute_dtype)
-    with torch.device("meta"):
-        model = ChatGLMModel(cfg)
+    model = skeleton(cfg)
     tensors = weights.iter_checkpoint(model_dir, progress=progress)
     if placement.bits:
         stored = stored_quantization(cfg)
@@ -124,6 +123,8 @@ def load(
         load_adapter(model, adapter)
     if placement.bits:
         prepare_kernels(model, placement.dtype)
+    if placement.first.type == "cpu":
+        malloc.return_large_blocks()
     return LocalGLM(model, tokenizer, placement.dtype, max_context=max_context,
                     precision=placement.precision, path=str(model_dir),
                     choice=placement.reason)

@@ -323,11 +323,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """
     from . import quantize
     from .loader import stored_quantization
-    from .model import ChatGLMModel
+    from .model import skeleton
     from .quantize.embedding import use_quantized_head
 
-    with torch.device("meta"):
-        model = ChatGLMModel(cfg)
+    model = skeleton(cfg)
     stored = stored_quantization(cfg)
     if stored is not None:
         bits, group = stored

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import localglm.cli as cli
 from localglm import bench
 from localglm.config import ModelConfig
@@ -36,6 +38,8 @@ def test_bench_json_has_the_documented_keys(capsys, monkeypatch):
         assert key in out
     assert set(out["prefill_tokens_per_s"]) == {"8", "24"}
     assert out["long_context"] == 24
+    # one peak, in MiB and in GB (1e9 bytes: the unit chatglm.cpp's figures are quoted in)
+    assert out["peak_rss_gb"] == pytest.approx(out["peak_rss_mb"] * 2**20 / 1e9)
 
 
 def test_bench_real_model_dir_table(capsys, tiny_dir):

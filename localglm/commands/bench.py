@@ -144,7 +144,7 @@ def print_table(r) -> None:
              ("memory read bandwidth", f"{r.bandwidth_gbs:.1f} GB/s"),
              ("roofline (weights / bandwidth)", f"{r.roofline_ms_per_token:.0f} ms/token"),
              ("decode vs roofline", f"{100 * r.roofline_fraction:.0f} %"),
-             ("peak RSS", f"{r.peak_rss_mb:.0f} MB")]
+             ("peak RSS", f"{r.peak_rss_gb:.2f} GB ({r.peak_rss_mb:.0f} MiB)")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")

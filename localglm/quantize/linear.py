@@ -44,6 +44,10 @@ from .formats import (
 # tiles of dequantized weights go through the GEMM (benchmarks/bench_linear.py times both).
 CPU_GEMV_MAX_ROWS = 16
 PREFILL_TILE_ROWS = 1024
+# A prompt's rows go through the integer kernels this many at a time, each block's float32
+# result cast into the output at once: a 1000-token prompt never holds the whole float32
+# product (62 MiB for dense_h_to_4h).
+CPU_GEMV_CHUNK_ROWS = 256
 
 
 def cpu_has_bf16_gemm() -> bool:
@@ -289,13 +293,7 @@ class QuantizedLinear(nn.Module):
             if at_ops is None or at_ops[0] != at:
                 at_ops = self._torch_cache["numpy"] = (
                     at, cpu_kernels.operands(self.weight, self.weight_scale, zero))
-            ops = at_ops[1]
-            if self.bits == 8:
-                y = cpu_kernels.matmul_int8(x2, self.weight, self.weight_scale, ops)
-            else:
-                y = cpu_kernels.matmul_int4(x2, self.weight, self.weight_scale, zero,
-                                            self.group_size, ops)
-            y = y.to(x.dtype)  # [M, N]
+            y = self._forward_gemv(x2, zero, at_ops[1])
         elif k == "cpu-tiled":
             y = self._forward_tiled(x2)
         else:
@@ -303,6 +301,24 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _forward_gemv(self, x2: torch.Tensor, zero: torch.Tensor | None,
+                      ops: tuple) -> torch.Tensor:
+        """The numba kernels, CPU_GEMV_CHUNK_ROWS rows at a time; [M, N] in x2's dtype."""
+        def product(rows: torch.Tensor) -> torch.Tensor:  # float32
+            if self.bits == 8:
+                return cpu_kernels.matmul_int8(rows, self.weight, self.weight_scale, ops)
+            return cpu_kernels.matmul_int4(rows, self.weight, self.weight_scale, zero,
+                                           self.group_size, ops)
+
+        m = x2.shape[0]
+        if m <= CPU_GEMV_CHUNK_ROWS:
+            return product(x2).to(x2.dtype)
+        out = torch.empty(m, self.out_features, dtype=x2.dtype)
+        for r0 in range(0, m, CPU_GEMV_CHUNK_ROWS):
+            r1 = min(m, r0 + CPU_GEMV_CHUNK_ROWS)
+            out[r0:r1] = product(x2[r0:r1])
+        return out
 
     def _forward_tiled(self, x2: torch.Tensor) -> torch.Tensor:
         """Prefill: dequantize PREFILL_TILE_ROWS output rows at a time into the GEMM dtype."""
