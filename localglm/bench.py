@@ -37,7 +37,6 @@ class BenchResult:
     decode_ms_per_token_long: float = 0.0
     long_context: int = 0
     peak_rss_mb: float = 0.0  # MiB (2**20 bytes), the unit of /proc's VmHWM / 1024
-    peak_rss_gb: float = 0.0  # the same peak in GB (1e9 bytes), as chatglm.cpp's bench reports
     bandwidth_gbs: float = 0.0
     roofline_ms_per_token: float = 0.0
     # decode after the short prompt with the chat sampler (temperature 0.95, top_p 0.7)
@@ -47,6 +46,11 @@ class BenchResult:
     other_ms_per_token: float = 0.0  # everything else: attention, norms, Python
     kernels: dict[str, str] = field(default_factory=dict)  # layer shape -> kernel it runs
     isa: str = ""  # the CPU code path: PyTorch capability / numba kernels
+
+    @property
+    def peak_rss_gb(self) -> float:
+        """The peak in GB of 1e9 bytes, the unit chatglm.cpp's bench reports."""
+        return self.peak_rss_mb * 2**20 / 1e9
 
     @property
     def roofline_fraction(self) -> float:
@@ -257,7 +261,6 @@ def run(model: ChatGLMModel | LocalGLM, name: str, precision: str, dtype, load_s
     res.sampler_ms_per_token = time_sampler(m.config.vocab_size)
     res.linear_ms_per_token, res.other_ms_per_token = linear_share(m, dtype)
     res.peak_rss_mb = peak_rss_mb()
-    res.peak_rss_gb = res.peak_rss_mb * 2**20 / 1e9
     res.bandwidth_gbs = measure_bandwidth()
     res.roofline_ms_per_token = res.weight_bytes / (res.bandwidth_gbs * 1e9) * 1000
     return res

@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it disables the dynamic threshold
 THRESHOLD = 1 << 20  # decode-step tensors (<= 0.5 MiB for one row's logits) stay below it
 
-_done = [False]
 
-
+@functools.cache
 def return_large_blocks() -> bool:
-    """Fix glibc's mmap threshold at THRESHOLD for this process (once). False where the C
-    library is not glibc (macOS, Windows, musl) or refuses."""
-    if _done[0]:
-        return True
+    """Fix glibc's mmap threshold at THRESHOLD for this process (the first call does it).
+    False where the C library is not glibc (macOS, Windows, musl) or refuses."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD))
     except (OSError, AttributeError):
         return False
-    _done[0] = ok
-    return ok

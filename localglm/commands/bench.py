@@ -108,6 +108,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         out = dict(vars(res))
         out["roofline_fraction"] = res.roofline_fraction
+        out["peak_rss_gb"] = res.peak_rss_gb
         print(json.dumps(out, indent=2))
     else:
         print_table(res)
