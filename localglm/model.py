@@ -96,11 +96,6 @@ def rotary_inv_freq(dim: int) -> torch.Tensor:
     return inv.half().float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryTable(nn.Module):
     """cos/sin tables for one rotary half of a head, in float32, cast on use."""
 
@@ -117,21 +112,34 @@ class RotaryTable(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (B, T) -> cos, sin of shape (B, T, 1, dim)."""
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, T) -> float32 cos, sin of shape (B, T, dim)."""
         need = int(pos.max()) + 1
         if need > self.cos.shape[0]:
             self._build(max(need, 2 * self.cos.shape[0]))
-        return self.cos[pos].to(dtype)[:, :, None], self.sin[pos].to(dtype)[:, :, None]
+        return self.cos[pos], self.sin[pos]
+
+
+def rotary_2d(rotary: RotaryTable, position_ids: torch.Tensor, dtype):
+    """The tables ``apply_rotary_2d`` takes for 2-D positions (B, 2, T): cos and a signed sin,
+    each (B, T, 1, 1, hd) in ``dtype``. The first half of a head turns by the positions, the
+    second by the block positions; the sin carries rotate_half's minus sign (a quarter of each
+    half), so that a rotation is two products and a sum whatever the number of halves."""
+    c1, s1 = rotary(position_ids[:, 0])
+    c2, s2 = rotary(position_ids[:, 1])
+    cos, sin = torch.cat((c1, c2), dim=-1), torch.cat((s1, s2), dim=-1)  # (B, T, hd)
+    sign = torch.tensor([-1.0, 1.0], device=sin.device)[:, None]  # per quarter of a half
+    sin = (sin.unflatten(-1, (2, 2, -1)) * sign).flatten(-3)
+    return cos.to(dtype)[:, :, None, None], sin.to(dtype)[:, :, None, None]
 
 
 def apply_rotary_2d(x: torch.Tensor, rope) -> torch.Tensor:
-    """x (B, T, nh, hd): first half of each head rotated by positions, second by block positions."""
-    (cos1, sin1), (cos2, sin2) = rope
-    x1, x2 = x.chunk(2, dim=-1)
-    x1 = x1 * cos1 + rotate_half(x1) * sin1
-    x2 = x2 * cos2 + rotate_half(x2) * sin2
-    return torch.cat((x1, x2), dim=-1)
+    """x (..., hd) with rope from ``rotary_2d``: each half of the last dimension rotated by
+    its own positions (official rotate_half per half: (a, b) -> (a cos - b sin, b cos + a
+    sin)). The same products and sums as rotating each half apart, so the same values."""
+    cos, sin = rope
+    swapped = x.unflatten(-1, (2, 2, -1)).flip(-2).flatten(-3)  # (a, b) -> (b, a) per half
+    return x * cos + swapped * sin
 
 
 class SelfAttention(nn.Module):
@@ -145,11 +153,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, cache: KVCache, layout: AttentionLayout, prefix=None):
         b, t, _ = x.shape
-        qkv = self.query_key_value(x).view(b, t, self.num_heads, 3 * self.head_dim)
+        qkv = self.query_key_value(x).view(b, t, self.num_heads, 3, self.head_dim)
         # Rows of query_key_value are interleaved per head: [q_h, k_h, v_h] for each head h.
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, T, nh, hd)
-        q = apply_rotary_2d(q, rope)
-        k = apply_rotary_2d(k, rope)
+        q, k = apply_rotary_2d(qkv[:, :, :, :2], rope).unbind(3)  # each (B, T, nh, hd)
+        v = qkv[:, :, :, 2]
         slot = layout.slot(t)
         keys, values = cache.update(self.layer_id, slot, k.transpose(1, 2), v.transpose(1, 2))
         q = q.transpose(1, 2)  # (B, nh, T, hd)
@@ -302,16 +309,15 @@ class ChatGLMModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, dtype):
         """Token embeddings (B, T, h) in ``dtype`` and the rotary tables of the 2-D positions."""
         x = self.transformer.word_embeddings(input_ids).to(dtype)  # (B, T, h)
-        rope = (self.rotary(position_ids[:, 0], x.dtype), self.rotary(position_ids[:, 1], x.dtype))
-        return x, rope
+        return x, rotary_2d(self.rotary, position_ids, x.dtype)
 
     def blocks(self, x, rope, cache: KVCache, layout: AttentionLayout, start: int = 0,
                stop: int | None = None) -> torch.Tensor:
         """Run blocks [start, stop) on hidden states ``x`` (B, T, h)."""
         for layer in self.transformer.layers[start:stop]:
             x = x.to(layer.input_layernorm.weight.device)
-            if rope[0][0].device != x.device:
-                rope = tuple((c.to(x.device), s.to(x.device)) for c, s in rope)
+            if rope[0].device != x.device:
+                rope = tuple(r.to(x.device) for r in rope)
             x = layer(x, rope, cache, layout)
         return x
 
